@@ -1,0 +1,224 @@
+"""The transformers backend: image-text-to-text models through their processor's chat template."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from df_agent.backends.base import Conversation
+from df_agent.boxes import BoxConvention
+
+# model_type -> (box convention, prompt family); see shared/dualfocus.md "Box conventions".
+FAMILIES: dict[str, tuple[BoxConvention, str]] = {
+    "llava": (BoxConvention.FRACTION, "dualfocus"),
+    "llava_next": (BoxConvention.FRACTION, "dualfocus"),
+    "llava_onevision": (BoxConvention.FRACTION, "dualfocus"),
+    "qwen2_vl": (BoxConvention.QWEN_1000, "qwen2_vl"),
+    "qwen2_5_vl": (BoxConvention.PIXELS, "qwen2_vl"),
+    "qwen3_vl": (BoxConvention.JSON_1000, "qwen2_vl"),
+}
+
+
+def shipped_model_path() -> Path:
+    """The folder of the small model trained by this project and shipped inside the package."""
+    path = Path(str(resources.files("df_agent") / "model"))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped model is missing from {path}; reinstall df-agent")
+    return path
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class PromptMismatchError(RuntimeError):
+    """The chat template did not render the prompt as a prefix of prompt + reply."""
+
+
+class HFBackend:
+    """A transformers image-text-to-text model and its processor.
+
+    Args:
+        model: A loaded `AutoModelForImageTextToText` model.
+        processor: Its `AutoProcessor`, with a chat template.
+        model_id: The name recorded in results.
+        box_convention: How the model writes boxes; default from `model.config.model_type`.
+        prompt_family: The prompt set; default from `model.config.model_type`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: object,
+        *,
+        model_id: str,
+        box_convention: BoxConvention | None = None,
+        prompt_family: str | None = None,
+    ) -> None:
+        model_type = getattr(model.config, "model_type", "")
+        known = FAMILIES.get(model_type)
+        if known is None and (box_convention is None or prompt_family is None):
+            raise ValueError(
+                f"unknown model type {model_type!r}: pass box_convention and prompt_family "
+                f"(known types: {', '.join(FAMILIES)})"
+            )
+        self.model = model.eval()
+        self.processor = processor
+        self.model_id = model_id
+        self.box_convention = box_convention or known[0]  # type: ignore[index]
+        self.prompt_family = prompt_family or known[1]  # type: ignore[index]
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        **kwargs: object,
+    ) -> HFBackend:
+        """Load a checkpoint folder or hub id with `AutoModelForImageTextToText` and `AutoProcessor`."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        device = device or default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        try:
+            processor = AutoProcessor.from_pretrained(str(path_or_id))
+            model = AutoModelForImageTextToText.from_pretrained(str(path_or_id), dtype=dtype).to(device)
+        except OSError as err:
+            raise OSError(f"could not load a model from {path_or_id!r}: {err}") from err
+        return cls(model, processor, model_id=str(path_or_id), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def render(
+        self, conversation: Conversation, *, add_generation_prompt: bool = False, continue_final: bool = False
+    ) -> str:
+        """The conversation as the chat template writes it (text with image placeholders)."""
+        return self.processor.apply_chat_template(
+            conversation.to_messages(),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final,
+        )
+
+    def encode(self, texts: list[str], images: list[Image.Image], *, padding_side: str = "right") -> dict:
+        """Tokenise rendered texts with their images (flat, in order) into model inputs on the device."""
+        self.tokenizer.padding_side = padding_side
+        batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=len(texts) > 1)
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    def encode_reply(self, conversation: Conversation, replies: Sequence[str], *, end_of_turn: bool) -> tuple:
+        """Inputs for `conversation` + each reply, and per row the (start, end) of the reply's tokens.
+
+        The prompt boundary comes from the same processor call that sees the images, and the
+        prompt's ids must be a prefix of every full row (else `PromptMismatchError`). With
+        `end_of_turn` the template's end-of-turn tokens count as part of the reply (training);
+        without it only the reply's own tokens do (scoring).
+        """
+        images = conversation.images
+        prompt = self.render(conversation, add_generation_prompt=True)
+        prompt_ids = self.encode([prompt], images)["input_ids"][0]
+        fulls = [
+            self.render(conversation.assistant(reply), continue_final=not end_of_turn) for reply in replies
+        ]
+        batch = self.encode(fulls, images * len(replies))
+        spans = []
+        for row, reply in enumerate(replies):
+            ids = batch["input_ids"][row]
+            length = int(batch["attention_mask"][row].sum())
+            n = prompt_ids.shape[0]
+            if length <= n or not torch.equal(ids[:n], prompt_ids):
+                raise PromptMismatchError(
+                    f"the chat template's prompt is not a prefix of prompt + reply for reply {reply!r}; "
+                    "the reply cannot be scored separately"
+                )
+            spans.append((n, length))
+        return batch, spans
+
+    # -- the two verbs -------------------------------------------------------------------------
+
+    def generate(self, conversation: Conversation, max_new_tokens: int = 128) -> str:
+        """Greedy reply to a conversation that ends with a user turn."""
+        if not conversation.turns or conversation.turns[-1].role != "user":
+            raise ValueError("generate needs a conversation that ends with a user turn")
+        text = self.render(conversation, add_generation_prompt=True)
+        with self._lock, torch.inference_mode():
+            inputs = self.encode([text], conversation.images)
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+    def score(self, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
+        """Mean negative log-likelihood of each candidate's tokens as the reply (lower is better).
+
+        All candidates go through one batched forward pass; each row's score is computed
+        from the logits over that candidate's tokens alone.
+        """
+        if not candidates:
+            return []
+        if any(not isinstance(c, str) or not c.strip() for c in candidates):
+            raise ValueError("candidates must be non-empty strings")
+        with self._lock, torch.inference_mode():
+            batch, spans = self.encode_reply(conversation, candidates, end_of_turn=False)
+            logits = self.model(**batch).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = batch["input_ids"][:, 1:]
+        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        # token t of a row is predicted at position t - 1
+        return [
+            -token_logprobs[row, start - 1 : end - 1].mean().item() for row, (start, end) in enumerate(spans)
+        ]
+
+    def input_size(self, image: Image.Image) -> tuple[int, int]:
+        """The (width, height) the image processor resizes `image` to."""
+        image_processor = self.processor.image_processor
+        features = image_processor(images=[image], return_tensors="pt")
+        grid = features.get("image_grid_thw")
+        if grid is not None:  # Qwen-style dynamic resolution: grid of patches
+            patch = image_processor.patch_size
+            _, rows, cols = (int(v) for v in grid[0])
+            return cols * patch, rows * patch
+        height, width = features["pixel_values"].shape[-2:]
+        return int(width), int(height)
+
+
+def encode_for_training(backend: HFBackend, conversation: Conversation, reply: str) -> dict:
+    """Model inputs with `labels`: -100 everywhere but the reply and its end-of-turn tokens."""
+    batch, [(start, end)] = backend.encode_reply(conversation, [reply], end_of_turn=True)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, start:end] = batch["input_ids"][0, start:end]
+    return {**batch, "labels": labels}
+
+
+__all__ = [
+    "FAMILIES",
+    "HFBackend",
+    "PromptMismatchError",
+    "default_device",
+    "encode_for_training",
+    "shipped_model_path",
+]

@@ -1,0 +1,1 @@
+"""Training data: the DualFocus record format, FocusShapes scenes and Visual Genome curation."""

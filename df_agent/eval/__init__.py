@@ -1,0 +1,1 @@
+"""Benchmark readers and metrics: POPE, TextVQA, V* Bench, FocusShapes."""

@@ -1,0 +1,200 @@
+"""Images: load one from a path, bytes, a data URI or a PIL image, safely; hash it; encode it.
+
+`load_image` is the one door images come in by: it checks the pixel count before decoding, decodes
+fully (a truncated file fails here, not later), applies the EXIF orientation and returns a new RGB
+image. Every failure is an `ImageError` that names the input and what was wrong with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# Errors PIL raises while decoding a corrupt or truncated file.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError)
+_ORIENTATION = 0x0112  # the EXIF Orientation tag
+
+
+class ImageError(ValueError):
+    """An input could not be loaded as an image; the message says which input and why."""
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def decode_data_uri(uri: str) -> bytes:
+    """The bytes of a base64 image data URI (``data:image/png;base64,...``).
+
+    Args:
+        uri: The data URI.
+
+    Returns:
+        The decoded bytes.
+
+    Raises:
+        ImageError: If `uri` is not a base64 ``data:image/...`` URI or its payload is not valid base64.
+    """
+    if not isinstance(uri, str) or not uri.startswith("data:"):
+        raise ImageError(f"not a data URI (must start with 'data:'): {_short(repr(uri))}")
+    header, sep, payload = uri[5:].partition(",")
+    if not sep:
+        raise ImageError(f"malformed data URI, no ',' after the header: {_short(uri)}")
+    media_type, *params = header.split(";")
+    if not media_type.lower().startswith("image/"):
+        raise ImageError(f"data URI is not an image (media type {media_type or 'missing'!r})")
+    if "base64" not in (p.strip().lower() for p in params):
+        raise ImageError(f"data URI is not base64-encoded (header {header!r})")
+    payload = "".join(payload.split())
+    if not payload:
+        raise ImageError("data URI has no data after the header")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"data URI has an invalid base64 payload: {exc}") from None
+
+
+def to_data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    """Encode an image as a base64 data URI.
+
+    Args:
+        image: The image.
+        fmt: A PIL format name (``"PNG"``, ``"JPEG"``, ...).
+
+    Returns:
+        ``data:<media type>;base64,<payload>``.
+    """
+    fmt = fmt.upper()
+    if fmt in ("JPEG", "JPG") and image.mode not in ("RGB", "L"):
+        image = _to_rgb(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if fmt == "JPG" else fmt)
+    media_type = Image.MIME.get("JPEG" if fmt == "JPG" else fmt, f"image/{fmt.lower()}")
+    return f"data:{media_type};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def image_hash(image: Image.Image) -> str:
+    """A content hash: the same picture gives the same hash whatever file format it came from.
+
+    Args:
+        image: The image; it is hashed as RGB (alpha flattened onto white, as `load_image` does).
+
+    Returns:
+        The sha256 hex digest of a ``RGB <width>x<height>`` header and the RGB pixel bytes.
+    """
+    rgb = _to_rgb(image)
+    digest = hashlib.sha256(f"{rgb.mode} {rgb.width}x{rgb.height}\n".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """A new RGB image; transparent pixels are flattened onto white."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    background.alpha_composite(image.convert("RGBA"))
+    return background.convert("RGB")
+
+
+def _decode(image: Image.Image, name: str, max_pixels: int) -> Image.Image:
+    """Check the size, decode fully, orient and convert; returns a new image."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{name} is too large: {width}x{height} = {width * height:,} pixels, "
+            f"more than the limit of {max_pixels:,} (max_pixels)"
+        )
+    try:
+        image.load()
+        if image.getexif().get(_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)  # a new image; the input is left as it was
+        return _to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name} is too large to decode: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"{name} could not be decoded (truncated or corrupt?): {exc}") from None
+
+
+def _open(data: bytes | Path, name: str, max_pixels: int) -> Image.Image:
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        with Image.open(source) as image:
+            return _decode(image, name, max_pixels)
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image in a format PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name} is too large (limit {max_pixels:,} pixels): {exc}") from None
+    except ImageError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"{name} could not be read as an image: {exc}") from None
+
+
+def load_image(
+    source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Load an image safely, as a new RGB image with its EXIF orientation applied.
+
+    The pixel count is checked against `max_pixels` from the header, before any pixel is decoded;
+    the whole image is then decoded, so a truncated file fails here. PIL's own decompression-bomb
+    limit (``Image.MAX_IMAGE_PIXELS``) still applies on top of `max_pixels`. URLs are not fetched.
+
+    Args:
+        source: A filesystem path, a base64 ``data:image/...`` URI, encoded image bytes, or a PIL
+            image (which is never modified).
+        max_pixels: The largest width * height accepted.
+
+    Returns:
+        A new, fully loaded RGB image; transparency is flattened onto white.
+
+    Raises:
+        ImageError: If the source is missing, a directory, empty, not an image, truncated or
+            corrupt, too large, an http(s) URL or a malformed data URI.
+        TypeError: If `source` is none of the accepted types.
+    """
+    if isinstance(source, Image.Image):
+        return _decode(source, f"PIL image ({source.mode} {source.width}x{source.height})", max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageError("image bytes are empty (0 bytes)")
+        return _open(data, f"image bytes ({len(data):,} bytes)", max_pixels)
+    if isinstance(source, str) and source.startswith("data:"):
+        return _open(decode_data_uri(source), "image from data URI", max_pixels)
+    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):
+        raise ImageError(f"URLs are not loaded by load_image; download the image first: {_short(source)}")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"cannot load an image from {type(source).__name__}")
+    path = Path(source)
+    name = f"image file {str(path)!r}"
+    if not path.exists():
+        raise ImageError(f"{name} not found")
+    if path.is_dir():
+        raise ImageError(f"{name} is a directory, not an image file")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageError(f"{name} cannot be read: {exc}") from None
+    if size == 0:
+        raise ImageError(f"{name} is empty (0 bytes)")
+    return _open(path, name, max_pixels)
+
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageError",
+    "decode_data_uri",
+    "image_hash",
+    "load_image",
+    "to_data_uri",
+]

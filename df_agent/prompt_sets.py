@@ -1,0 +1,54 @@
+"""Loads the prompt files in `prompts/` (installed as `df_agent.prompts`) for one model family."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+
+from pydantic import BaseModel
+
+STEPS = ("macro", "locate", "micro", "score", "choices")
+OPTION_LETTERS = string.ascii_uppercase
+
+
+class PromptSet(BaseModel, frozen=True):
+    """The five templates of one model family; see prompts/README.md."""
+
+    family: str
+    macro: str
+    locate: str
+    micro: str
+    score: str
+    choices: str
+
+    def with_options(self, question: str, options: Sequence[str] | None) -> str:
+        """The question followed by lettered options and the letter hint, or the bare question."""
+        if not options:
+            return question
+        lines = "\n".join(f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options))
+        return self.choices.format(question=question, options=lines)
+
+
+def families() -> list[str]:
+    """Names of the prompt families shipped with the package."""
+    root = resources.files("df_agent.prompts")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+@cache
+def load_prompts(family: str) -> PromptSet:
+    """The prompt set of `family` (a folder of `prompts/`).
+
+    Raises:
+        ValueError: If no such family ships with the package.
+    """
+    folder = resources.files("df_agent.prompts") / family
+    if not folder.is_dir():
+        raise ValueError(f"unknown prompt family {family!r}; shipped families: {', '.join(families())}")
+    texts = {step: (folder / f"{step}.txt").read_text(encoding="utf-8") for step in STEPS}
+    return PromptSet(family=family, **texts)
+
+
+__all__ = ["OPTION_LETTERS", "PromptSet", "families", "load_prompts"]

@@ -1,0 +1,1 @@
+"""Model-facing prompt files, one folder per model family (package data)."""

@@ -1,0 +1,235 @@
+"""Tests for df_agent.boxes: parsing every convention, garbage, round trips, zoom invariants."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from df_agent.boxes import Box, BoxConvention, NoBox, crop, format_box, parse_box, zoom_box
+
+C = BoxConvention
+SIZE = (640, 480)
+
+GOOD = [
+    # (text, convention, image_size, input_size, expected x1, y1, x2, y2 in original pixels)
+    ("[0.12,0.34,0.56,0.78]", C.FRACTION, SIZE, None, (76.8, 163.2, 358.4, 374.4)),
+    ("The region is [0.25, 0.5, 0.75, 1.0].", C.FRACTION, SIZE, None, (160, 240, 480, 480)),
+    ("[-0.02,0.10,0.50,1.04]", C.FRACTION, SIZE, None, (0, 48, 320, 480)),  # partly outside: clipped
+    ("x1=0.1, y1=0.2, x2=0.5, y2=0.6", C.FRACTION, SIZE, None, (64, 96, 320, 288)),
+    ("1e-1 2E-1 5e-1 6e-1", C.FRACTION, SIZE, None, (64, 96, 320, 288)),
+    ("[0.100, 0.200, 0.500, 0.600]", C.SQUARE_FRACTION, SIZE, None, (64, 48, 320, 304)),
+    ("[0.000, 0.125, 1.000, 0.875]", C.SQUARE_FRACTION, SIZE, None, (0, 0, 640, 480)),
+    ("[0.125, 0.000, 0.875, 1.000]", C.SQUARE_FRACTION, (480, 640), None, (0, 0, 480, 640)),
+    ("[0.2, 0.05, 0.4, 0.3]", C.SQUARE_FRACTION, SIZE, None, (128, 0, 256, 112)),  # partly in padding
+    ("<|box_start|>(100,200),(300,400)<|box_end|>", C.QWEN_1000, SIZE, None, (64, 96, 192, 192)),
+    (
+        "<|object_ref_start|>person 1<|object_ref_end|><|box_start|>(0,0),(1000,1000)<|box_end|>",
+        C.QWEN_1000,
+        SIZE,
+        None,
+        (0, 0, 640, 480),
+    ),
+    ("<ref>cat</ref><box>(500,500),(750,1000)</box>", C.QWEN_1000, SIZE, None, (320, 240, 480, 480)),
+    ("(100,200),(300,400)", C.QWEN_1000, SIZE, None, (64, 96, 192, 192)),
+    (
+        '```json\n[{"bbox_2d": [10, 20, 110, 220], "label": "cat 2"}]\n```',
+        C.PIXELS,
+        SIZE,
+        (320, 240),
+        (20, 40, 220, 440),
+    ),
+    ('{"bbox_2d": [64, 48, 320, 240]}', C.PIXELS, SIZE, None, (64, 48, 320, 240)),
+    ('[{"label": "sign 3", "bbox_2d": [0, 0, 160, 120]}]', C.PIXELS, SIZE, (320, 240), (0, 0, 320, 240)),
+    (
+        '```json\n[\n  {"bbox_2d": [250, 500, 750, 1000], "label": "dog"}\n]\n```',
+        C.JSON_1000,
+        SIZE,
+        None,
+        (160, 240, 480, 480),
+    ),
+    ("{'bbox_2d': [100, 200, 300, 400]}", C.JSON_1000, SIZE, None, (64, 96, 192, 192)),
+    ("[100, 200, 300, 400]", C.JSON_1000, SIZE, None, (64, 96, 192, 192)),
+]
+
+
+@pytest.mark.parametrize(("text", "convention", "image_size", "input_size", "expected"), GOOD)
+def test_parse_box_good(text, convention, image_size, input_size, expected):
+    box = parse_box(text, convention, image_size, input_size)
+    assert isinstance(box, Box), box
+    assert box.as_tuple() == pytest.approx(expected)
+
+
+GARBAGE = [
+    # (text, convention, input_size, words the reason must contain)
+    ("", C.FRACTION, None, "no numbers"),
+    ("I don't know", C.FRACTION, None, "no numbers"),
+    ("None", C.FRACTION, None, "no numbers"),
+    ("x1, y1, x2, y2", C.FRACTION, None, "no numbers"),
+    ("[0.1,0.2]", C.FRACTION, None, "fewer than four"),
+    ('{"bbox_2d": [1, 2, 3]}', C.JSON_1000, None, "fewer than four"),
+    ("nan,nan,nan,nan", C.FRACTION, None, "NaN"),
+    ("[0.1, 0.2, inf, 0.4]", C.FRACTION, None, "infinite"),
+    ("[0.1,0.2,1e999,0.4]", C.FRACTION, None, "infinite"),
+    ("[0.5,0.5,0.2,0.9]", C.FRACTION, None, "inverted"),
+    ("<|box_start|>(300,400),(100,500)<|box_end|>", C.QWEN_1000, None, "inverted"),
+    ("[0.2,0.5,0.2,0.9]", C.FRACTION, None, "zero area"),
+    ("[1.02,0.2,1.08,0.5]", C.FRACTION, None, "outside the image"),
+    ("[-0.08,-0.09,-0.01,-0.02]", C.FRACTION, None, "outside the image"),
+    ("[0.1, 0.0, 0.5, 0.1]", C.SQUARE_FRACTION, None, "outside the image"),  # all in the padding
+    ('{"bbox_2d": [400, 300, 500, 400]}', C.PIXELS, (320, 240), "outside the image"),
+    ("[35,1,50,60]", C.FRACTION, None, "out of the fraction range"),
+    ("[-0.5,-0.5,-0.2,-0.2]", C.FRACTION, None, "out of the fraction range"),
+    ("<|box_start|>(100,200),(2000,400)<|box_end|>", C.QWEN_1000, None, "out of the qwen_1000 range"),
+    ("word " * 200_000 + "0.5", C.FRACTION, None, "fewer than four"),
+    ("blah " * 200_000, C.FRACTION, None, "no numbers"),
+]
+
+
+@pytest.mark.parametrize(("text", "convention", "input_size", "reason"), GARBAGE)
+def test_parse_box_garbage(text, convention, input_size, reason):
+    result = parse_box(text, convention, SIZE, input_size)
+    assert isinstance(result, NoBox)
+    assert reason in result.reason
+
+
+@pytest.mark.parametrize("value", [None, 42, 0.5, b"[0.1,0.2,0.3,0.4]", ["0.1", "0.2", "0.3", "0.4"]])
+def test_parse_box_non_str_gives_nobox(value):
+    result = parse_box(value, C.FRACTION, SIZE)
+    assert isinstance(result, NoBox)
+    assert "not text" in result.reason
+
+
+@given(text=st.text(max_size=200), convention=st.sampled_from(list(C)))
+@settings(max_examples=200, deadline=None)
+def test_parse_box_never_raises_and_stays_inside(text, convention):
+    result = parse_box(text, convention, SIZE, (320, 240))
+    if isinstance(result, Box):
+        assert 0 <= result.x1 < result.x2 <= SIZE[0]
+        assert 0 <= result.y1 < result.y2 <= SIZE[1]
+
+
+@pytest.mark.parametrize("bad_size", [(0, 10), (10, -1), (10.5, 10), (10,), None])
+def test_parse_box_rejects_bad_image_size(bad_size):
+    with pytest.raises(ValueError, match="image_size"):
+        parse_box("[0.1,0.2,0.3,0.4]", C.FRACTION, bad_size)
+
+
+def test_format_box_exact_text():
+    box = Box(x1=76.8, y1=163.2, x2=358.4, y2=374.4)
+    assert format_box(box, C.FRACTION, SIZE) == "[0.12,0.34,0.56,0.78]"
+    assert format_box(Box(x1=64, y1=48, x2=320, y2=304), C.SQUARE_FRACTION, SIZE) == (
+        "[0.100, 0.200, 0.500, 0.600]"
+    )
+    box = Box(x1=64, y1=96, x2=192, y2=192)
+    assert format_box(box, C.QWEN_1000, SIZE) == "<|box_start|>(100,200),(300,400)<|box_end|>"
+    assert format_box(box, C.JSON_1000, SIZE) == '[{"bbox_2d": [100, 200, 300, 400]}]'
+    assert format_box(box, C.PIXELS, SIZE, (320, 240)) == '[{"bbox_2d": [32, 48, 96, 96]}]'
+
+
+@st.composite
+def _box_in_image(draw, min_frac=0.0):
+    """An image size and a box inside it whose sides are at least `min_frac` of the image's."""
+    w = draw(st.integers(1, 4000))
+    h = draw(st.integers(1, 4000))
+    fx1, fy1 = draw(st.floats(0, 1 - min_frac)), draw(st.floats(0, 1 - min_frac))
+    fx2 = draw(st.floats(min(fx1 + min_frac, 1.0), 1))
+    fy2 = draw(st.floats(min(fy1 + min_frac, 1.0), 1))
+    return (w, h), Box(x1=fx1 * w, y1=fy1 * h, x2=fx2 * w, y2=fy2 * h)
+
+
+# The most one coordinate may move in a format/parse round trip, as a fraction of the image side.
+_QUANTUM = {C.FRACTION: 0.005, C.SQUARE_FRACTION: 0.0005, C.QWEN_1000: 0.0005, C.JSON_1000: 0.0005}
+
+
+@pytest.mark.parametrize("convention", list(C))
+@given(data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_format_parse_round_trip(convention, data):
+    (w, h), box = data.draw(_box_in_image(min_frac=0.1))
+    input_size = None
+    if convention is C.PIXELS:
+        input_size = (data.draw(st.integers(28, 1400)), data.draw(st.integers(28, 1400)))
+        tol_x, tol_y = 0.5 * w / input_size[0], 0.5 * h / input_size[1]
+    else:
+        side = max(w, h) if convention is C.SQUARE_FRACTION else None
+        tol_x = _QUANTUM[convention] * (side or w)
+        tol_y = _QUANTUM[convention] * (side or h)
+    assume(box.width > 4 * tol_x and box.height > 4 * tol_y)  # wider than the convention's resolution
+    text = format_box(box, convention, (w, h), input_size)
+    parsed = parse_box(text, convention, (w, h), input_size)
+    assert isinstance(parsed, Box), (text, parsed)
+    for got, want, tol in zip(parsed.as_tuple(), box.as_tuple(), (tol_x, tol_y, tol_x, tol_y), strict=True):
+        assert abs(got - want) <= tol + 1e-6
+
+
+@given(
+    case=_box_in_image(),
+    margin=st.integers(0, 50),
+    min_side=st.integers(0, 500),
+)
+@settings(max_examples=300, deadline=None)
+def test_zoom_box_invariants(case, margin, min_side):
+    (w, h), box = case
+    z = zoom_box(box, (w, h), margin=margin, min_side=min_side)
+    assert all(v == int(v) for v in z.as_tuple())
+    assert 0 <= z.x1 <= z.x2 <= w and 0 <= z.y1 <= z.y2 <= h
+    assert z.width >= min(min_side, w) and z.height >= min(min_side, h)
+    assert z.x1 <= box.x1 and z.y1 <= box.y1 and z.x2 >= box.x2 and z.y2 >= box.y2
+
+
+@pytest.mark.parametrize(
+    ("box", "size", "margin", "min_side", "expected"),
+    [
+        ((100, 100, 150, 120), (1000, 1000), 25, 0, (75, 60, 175, 160)),  # square, then 25 px margin
+        ((0, 0, 10, 40), (100, 100), 25, 0, (0, 0, 50, 65)),  # clipped at the corner
+        ((10, 10, 20, 20), (300, 200), 0, 224, (0, 0, 224, 200)),  # min side, shifted inside
+        ((280, 90, 290, 100), (300, 200), 0, 100, (200, 45, 300, 145)),  # shifted left
+        ((0, 0, 640, 480), (640, 480), 25, 0, (0, 0, 640, 480)),  # whole image
+    ],
+)
+def test_zoom_box_examples(box, size, margin, min_side, expected):
+    x1, y1, x2, y2 = box
+    z = zoom_box(Box(x1=x1, y1=y1, x2=x2, y2=y2), size, margin=margin, min_side=min_side)
+    assert z.as_tuple() == expected
+
+
+def test_box_properties():
+    box = Box(x1=1.5, y1=2.5, x2=10.2, y2=20.0)
+    assert box.width == pytest.approx(8.7)
+    assert box.height == 17.5
+    assert box.area == pytest.approx(8.7 * 17.5)
+    assert box.center == pytest.approx((5.85, 11.25))
+    assert box.as_int_tuple() == (1, 2, 11, 20)
+    assert box.normalized((20, 40)) == pytest.approx((0.075, 0.0625, 0.51, 0.5))
+    with pytest.raises(pydantic.ValidationError):
+        box.x1 = 0  # frozen
+    with pytest.raises(pydantic.ValidationError, match="inverted"):
+        Box(x1=5, y1=0, x2=1, y2=1)
+    assert Box.model_validate_json(box.model_dump_json()) == box
+    assert NoBox(reason="no numbers in the model output").model_dump() == {
+        "reason": "no numbers in the model output"
+    }
+
+
+def test_iou():
+    a = Box(x1=0, y1=0, x2=2, y2=1)
+    b = Box(x1=1, y1=0, x2=3, y2=1)
+    assert a.iou(a) == 1.0
+    assert a.iou(b) == pytest.approx(1 / 3)
+    assert b.iou(a) == a.iou(b)
+    assert a.iou(Box(x1=5, y1=5, x2=6, y2=6)) == 0.0
+    assert a.iou(Box(x1=2, y1=0, x2=3, y2=1)) == 0.0  # touching edges
+    assert a.iou(Box(x1=0.5, y1=0.25, x2=1.5, y2=0.75)) == pytest.approx(0.25)  # contained
+    point = Box(x1=1, y1=1, x2=1, y2=1)
+    assert point.iou(point) == 0.0
+
+
+def test_crop():
+    image = Image.new("RGB", (40, 30))
+    assert crop(image, Box(x1=1.5, y1=2.5, x2=10.2, y2=20.0)).size == (10, 18)
+    assert crop(image, Box(x1=30, y1=20, x2=60, y2=60)).size == (10, 10)  # clipped to the image
+    with pytest.raises(ValueError, match="does not overlap"):
+        crop(image, Box(x1=50, y1=50, x2=60, y2=60))

@@ -1,0 +1,211 @@
+"""The protocol's logic on a scripted backend: which step runs, with what, and who wins the vote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ScriptedBackend
+from PIL import Image
+
+from df_agent import DualFocus, ImageError
+from df_agent.engine import option_letter
+
+
+def engine(backend: ScriptedBackend, **kwargs) -> DualFocus:
+    return DualFocus(backend, **kwargs)
+
+
+def test_disagreeing_answers_go_to_the_vote_and_the_lower_nll_wins(scene: Image.Image) -> None:
+    backend = ScriptedBackend(macro="red", micro="blue", scores={"red": 2.0, "blue": 0.5})
+    result = engine(backend).ask(scene, "What colour is the square?")
+    assert (result.answer, result.path) == ("blue", "micro")
+    assert result.scores == {"macro": 2.0, "micro": 0.5}
+    assert result.arbitration == "official"
+    assert result.fallback is None
+    assert [step for step, _ in backend.generated] == ["macro", "locate", "micro"]
+    [(context, candidates)] = backend.scored
+    assert candidates == ["red", "blue"]
+    assert context.turns[-1].text.endswith(
+        "What colour is the square?\nAnswer the question using a single word or phrase"
+    )
+
+
+def test_macro_wins_when_it_is_more_plausible(scene: Image.Image) -> None:
+    backend = ScriptedBackend(macro="red", micro="blue", scores={"red": 0.1, "blue": 3.0})
+    result = engine(backend).ask(scene, "What colour?")
+    assert (result.answer, result.path, result.micro_answer) == ("red", "macro", "blue")
+
+
+def test_micro_conversation_carries_exactly_two_images_full_then_crop(scene: Image.Image) -> None:
+    backend = ScriptedBackend(box="[0.25,0.25,0.50,0.50]")
+    result = engine(backend, min_side=0).ask(scene, "What colour?")
+    [micro] = [conv for step, conv in backend.generated if step == "micro"]
+    full, crop = micro.images
+    assert len(micro.images) == 2
+    assert full.size == scene.size and full.tobytes() == scene.tobytes()
+    assert result.crop_box is not None
+    assert crop.size == (result.crop_box.width, result.crop_box.height)
+    assert crop.tobytes() == scene.crop(result.crop_box.as_int_tuple()).tobytes()
+    # the box turn is replayed: user(image, box request), assistant(box text), user(crop, question)
+    assert [t.role for t in micro.turns] == ["user", "assistant", "user"]
+    assert micro.turns[1].text == "[0.25,0.25,0.50,0.50]"
+
+
+def test_crop_box_is_the_official_square_with_margin(scene: Image.Image) -> None:
+    # box 80..160 x 60..120 px -> square side 80 around (120, 90) -> 80..160 x 50..130 -> +25 each side
+    backend = ScriptedBackend(box="[0.25,0.25,0.50,0.50]")
+    result = engine(backend, min_side=0).ask(scene, "What colour?")
+    assert result.box is not None and result.box.as_tuple() == (80, 60, 160, 120)
+    assert result.crop_box is not None and result.crop_box.as_tuple() == (55, 25, 185, 155)
+
+
+@pytest.mark.parametrize(
+    "box_text",
+    ["I cannot tell", "", "[0.5,0.5]", "[0.9,0.9,0.1,0.1]", "[1.5,1.5,2.0,2.0]", "nan nan nan nan"],
+)
+def test_unreadable_box_means_no_vote_and_the_macro_answer_stands(scene: Image.Image, box_text: str) -> None:
+    backend = ScriptedBackend(macro="red", box=box_text, micro="blue")
+    result = engine(backend).ask(scene, "What colour?")
+    assert (result.answer, result.path) == ("red", "macro")
+    assert result.fallback is not None and result.fallback.startswith("no box")
+    assert result.scores is None and result.micro_answer is None and result.box is None
+    assert result.box_text == box_text
+    assert backend.scored == []
+    assert "micro" not in [step for step, _ in backend.generated]
+
+
+def test_no_stale_vote_after_a_question_that_had_a_box(scene: Image.Image) -> None:
+    backend = ScriptedBackend(macro="red", micro="blue")
+    df = engine(backend)
+    df.ask(scene, "first")
+    backend.replies["locate"] = "no idea"
+    result = df.ask(scene, "second")
+    assert len(backend.scored) == 1
+    assert result.answer == "red" and result.scores is None and result.micro_answer is None
+
+
+def test_equal_answers_skip_the_vote(scene: Image.Image) -> None:
+    backend = ScriptedBackend(macro="Red.", micro="red")
+    result = engine(backend).ask(scene, "What colour?")
+    assert result.scores is None and backend.scored == []
+    assert result.path == "macro" and "agree" in (result.fallback or "")
+
+
+@pytest.mark.parametrize(
+    ("macro", "micro", "answer", "path", "voted"),
+    [
+        ("A", "B", None, None, True),  # both valid and different: vote on the options' texts
+        ("A.", "(A)", "A", "macro", False),  # same option: no vote
+        ("A", "I think so", "A", "macro", False),  # only macro valid
+        ("no idea", "B. blue", "B", "micro", False),  # only micro valid
+        ("no idea", "maybe", "no idea", "macro", False),  # neither valid: macro stands
+        ("red", "blue", None, None, True),  # option texts count as their letters
+    ],
+)
+def test_multiple_choice_reduces_answers_to_letters(
+    scene: Image.Image, macro: str, micro: str, answer: str | None, path: str | None, voted: bool
+) -> None:
+    backend = ScriptedBackend(macro=macro, micro=micro, scores={"red": 1.0, "blue": 0.2})
+    result = engine(backend).ask(scene, "Which colour?", options=["red", "blue", "green"])
+    if voted:
+        [(_, candidates)] = backend.scored
+        assert candidates == ["red", "blue"]
+        assert (result.answer, result.path) == ("B", "micro")
+    else:
+        assert backend.scored == []
+        assert (result.answer, result.path) == (answer, path)
+    macro_prompt = backend.generated[0][1].turns[-1].text
+    assert macro_prompt.endswith("C. green\nAnswer with the option's letter from the given choices directly.")
+    locate_prompt = backend.generated[1][1].turns[-1].text
+    assert locate_prompt.endswith("asks: Which colour?")  # the bare question, no options
+
+
+def test_option_letter_forms() -> None:
+    options = ["cat", "dog"]
+    assert [option_letter(a, options) for a in ["A", "b", "(B)", "B. dog", "Dog", "C", "Apple"]] == [
+        "A", None, "B", "B", "B", None, None,
+    ]  # fmt: skip
+
+
+def test_macro_mode_runs_one_generation(scene: Image.Image) -> None:
+    backend = ScriptedBackend()
+    result = engine(backend).ask(scene, "What colour?", mode="macro")
+    assert [s for s, _ in backend.generated] == ["macro"]
+    assert (result.answer, result.path, result.box) == ("red", "macro", None)
+
+
+def test_micro_mode_answers_from_the_crop_without_a_vote(scene: Image.Image) -> None:
+    backend = ScriptedBackend()
+    result = engine(backend).ask(scene, "What colour?", mode="micro")
+    assert [s for s, _ in backend.generated] == ["locate", "micro"]
+    assert (result.answer, result.path, result.macro_answer) == ("blue", "micro", None)
+    assert backend.scored == []
+
+
+def test_micro_mode_without_a_box_falls_back_to_macro(scene: Image.Image) -> None:
+    backend = ScriptedBackend(box="none")
+    result = engine(backend).ask(scene, "What colour?", mode="micro")
+    assert (result.answer, result.path) == ("red", "macro") and "no box" in (result.fallback or "")
+
+
+def test_own_context_scores_each_candidate_where_it_was_generated(scene: Image.Image) -> None:
+    def score(conversation, candidate: str) -> float:
+        return len(conversation.images) + (0.5 if candidate == "red" else 0.0)
+
+    backend = ScriptedBackend(scores=score)
+    result = engine(backend).ask(scene, "What colour?", arbitration="own_context")
+    assert [len(conv.images) for conv, _ in backend.scored] == [1, 2]
+    assert result.scores == {"macro": 1.5, "micro": 2.0} and result.path == "macro"
+    assert result.arbitration == "own_context"
+
+
+def test_average_scores_each_candidate_in_both_contexts(scene: Image.Image) -> None:
+    def score(conversation, candidate: str) -> float:
+        return {("red", 1): 1.0, ("red", 2): 3.0, ("blue", 1): 2.5, ("blue", 2): 2.0}[
+            (candidate, len(conversation.images))
+        ]
+
+    backend = ScriptedBackend(scores=score)
+    result = engine(backend, arbitration="average").ask(scene, "What colour?")
+    assert result.scores == {"macro": 2.0, "micro": 2.25} and result.answer == "red"
+
+
+def test_result_is_json_with_timings_and_without_the_crop_pixels(scene: Image.Image) -> None:
+    result = engine(ScriptedBackend(scores={"red": 2.0})).ask(scene, "What colour?")
+    data = json.loads(result.model_dump_json())
+    assert "crop" not in data and result.crop is not None
+    assert set(data["timings"]) == {"total", "macro", "locate", "zoom", "micro", "arbitrate"}
+    assert data["timings"]["total"] >= data["timings"]["macro"]
+    assert data["image_size"] == [320, 240] and len(data["image_hash"]) == 64
+    assert data["box"] == {"x1": 80.0, "y1": 60.0, "x2": 160.0, "y2": 120.0}
+
+
+def test_steps_are_callable_one_by_one(scene: Image.Image) -> None:
+    df = engine(ScriptedBackend(scores={"red": 0.3, "blue": 0.9}))
+    location = df.locate(scene, "What colour?")
+    zoomed = df.zoom(scene, location.box)
+    micro = df.micro(scene, zoomed.crop, "What colour?", box_text=location.box_text)
+    vote = df.arbitrate(scene, zoomed.crop, "What colour?", ["red", micro], box_text=location.box_text)
+    assert (micro, vote.answer, vote.winner) == ("blue", "red", 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"question": ""}, "question"),
+        ({"mode": "zoom"}, "mode"),
+        ({"arbitration": "vote"}, "arbitration"),
+    ],
+)
+def test_bad_arguments_say_what_is_wrong(scene: Image.Image, kwargs: dict, message: str) -> None:
+    args = {"question": "What colour?", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        engine(ScriptedBackend()).ask(scene, **args)
+
+
+def test_bad_image_gives_an_image_error(tmp_path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(ImageError):
+        engine(ScriptedBackend()).ask(text, "What colour?")

@@ -1,0 +1,1 @@
+"""LangChain tools and the toolkit (installed as `df_agent.tools`)."""
