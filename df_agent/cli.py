@@ -7,14 +7,21 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
 
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`; imported only when listed.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "eval": "df_agent.eval.cli",
+    "memory": "df_agent.memory_cli",
+    "convert-checkpoint": "df_agent.convert",
+    "mcp": "df_agent.mcp_server",
+}
 
 
 def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", help="image file (PNG, JPEG, ...) or a data URI")
-    parser.add_argument("question", help="the question about the image")
+    parser.add_argument("image", nargs="?", help="image file (PNG, JPEG, ...) or a data URI")
+    parser.add_argument("question", nargs="?", help="the question about the image")
     parser.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
     parser.add_argument("--mode", choices=["dualfocus", "macro", "micro"], default="dualfocus")
     parser.add_argument("--arbitration", choices=["official", "own_context", "average"], default="official")
@@ -22,6 +29,18 @@ def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the full FocusResult as JSON")
     parser.add_argument("--annotate", metavar="OUT.png", help="write the image with the region drawn on it")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument(
+        "--open", action="store_true",
+        help="show the image with the region drawn on it (PIL's Image.show: needs an image viewer, "
+        "e.g. xdg-open or ImageMagick's display on Linux)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--questions", metavar="FILE.jsonl",
+        help="batch mode instead of IMAGE QUESTION: one {image, question[, options, mode]} per line "
+        "(images relative to the file; other fields, e.g. answer, are ignored); prints one FocusResult "
+        "JSON per line",
+    )  # fmt: skip
+    parser.add_argument("--output", metavar="OUT.jsonl", help="batch mode: write results here, not stdout")
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -29,6 +48,12 @@ def run_ask(args: argparse.Namespace) -> int:
     from df_agent.images import load_image
     from df_agent.visualize import annotate
 
+    if args.questions:
+        return _run_batch(args)
+    if args.image is None or args.question is None:
+        raise ValueError("give IMAGE and QUESTION, or --questions FILE.jsonl")
+    if args.output:
+        raise ValueError("--output is for batch mode (--questions); use --json and redirect instead")
     image = load_image(args.image)
     engine = DualFocus.from_pretrained(args.model, device=args.device, arbitration=args.arbitration)
     result = engine.ask(image, args.question, options=args.options, mode=args.mode)
@@ -37,8 +62,71 @@ def run_ask(args: argparse.Namespace) -> int:
     else:
         print(result.answer)
         print(_summary(result), file=sys.stderr)
-    if args.annotate:
-        annotate(image, result).save(args.annotate)
+    if args.annotate or args.open:
+        annotated = annotate(image, result)
+        if args.annotate:
+            annotated.save(args.annotate)
+        if args.open:
+            annotated.show()
+    return 0
+
+
+def _read_batch(path: Path) -> list[tuple[int, dict]]:
+    """The (line number, question) pairs of a batch file, checked before any model loads."""
+    if not path.is_file():
+        raise FileNotFoundError(f"questions file {str(path)!r} not found")
+    lines = []
+    for lineno, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not JSON: {err}") from None
+        if not isinstance(line, dict) or not isinstance(line.get("image"), str) or not line["image"]:
+            raise ValueError(f"{path}:{lineno}: needs an 'image' (a path relative to the file or a data URI)")
+        if not isinstance(line.get("question"), str) or not line["question"].strip():
+            raise ValueError(f"{path}:{lineno}: needs a non-empty 'question'")
+        options = line.get("options")
+        if options is not None and (
+            not isinstance(options, list) or not all(isinstance(o, str) for o in options)
+        ):
+            raise ValueError(f"{path}:{lineno}: 'options' must be a list of strings")
+        if line.get("mode", "dualfocus") not in ("dualfocus", "macro", "micro"):
+            raise ValueError(f"{path}:{lineno}: mode must be dualfocus, macro or micro")
+        lines.append((lineno, line))
+    if not lines:
+        raise ValueError(f"{path} holds no questions")
+    return lines
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    """`ask --questions FILE.jsonl`: one FocusResult JSON per line, with a progress bar on stderr."""
+    from tqdm import tqdm
+
+    from df_agent.engine import DualFocus
+    from df_agent.images import ImageError, load_image
+
+    if args.image or args.question:
+        raise ValueError("give either IMAGE QUESTION or --questions FILE.jsonl, not both")
+    if args.annotate or args.open:
+        raise ValueError("--annotate and --open show one result; they do not apply to --questions")
+    path = Path(args.questions)
+    lines = _read_batch(path)
+    engine = DualFocus.from_pretrained(args.model, device=args.device, arbitration=args.arbitration)
+    with Path(args.output).open("w", encoding="utf-8") if args.output else nullcontext(sys.stdout) as out:
+        for lineno, line in tqdm(lines, desc="ask", unit="q", file=sys.stderr):
+            source = line["image"]
+            if not source.startswith("data:") and not Path(source).is_absolute():
+                source = str(path.parent / source)
+            try:
+                image = load_image(source)
+            except ImageError as err:
+                raise ImageError(f"{path}:{lineno}: {err}") from None
+            options = line.get("options") or args.options
+            result = engine.ask(image, line["question"], options=options, mode=line.get("mode", args.mode))
+            out.write(result.model_dump_json() + "\n")
+            out.flush()
     return 0
 
 

@@ -6,6 +6,7 @@ returns the whole trace. See shared/dualfocus.md for the protocol this follows.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 import time
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from df_agent.backends.base import Backend, Conversation
+from df_agent.backends.base import Backend, Conversation, ScoringUnavailableError
 from df_agent.boxes import Box, NoBox, crop, parse_box, zoom_box
 from df_agent.images import image_hash, load_image
 from df_agent.prompt_sets import OPTION_LETTERS, PromptSet, load_prompts
@@ -25,9 +26,15 @@ from df_agent.results import Arbitration, ArbitrationMethod, FocusResult, Locati
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from df_agent.memory_protocol import AnswerMemory
+
 ImageInput = str | FilePath | bytes | Image.Image
 ARBITRATION_METHODS: tuple[ArbitrationMethod, ...] = ("official", "own_context", "average")
-MODES: tuple[Mode, ...] = ("dualfocus", "macro", "micro")
+MODES: tuple[Mode, ...] = ("dualfocus", "macro", "micro", "auto")
+LOCATE_MAX_NEW_TOKENS = 64
+# mode="auto" skips the zoom when the macro answer's own mean NLL is at most this; calibrated for
+# the shipped model on FocusShapes (bench/auto.py, README "Performance").
+AUTO_THRESHOLD = 0.1
 
 
 class DualFocus:
@@ -42,6 +49,10 @@ class DualFocus:
         arbitration: Default vote: "official" (both candidates scored in the micro context),
             "own_context" (each in the context it was generated in) or "average" (each
             candidate's score averaged over the macro and micro contexts).
+        memory: Where `ask` looks up exact repeats and logs answers (e.g.
+            `df_agent.memory.VisualQAMemory`); None: no memory.
+        auto_threshold: With ``mode="auto"``, the macro answer stands without a zoom when its own
+            mean NLL is at most this (default: calibrated for the shipped model).
     """
 
     def __init__(
@@ -53,6 +64,8 @@ class DualFocus:
         min_side: int = 32,
         max_new_tokens: int = 128,
         arbitration: ArbitrationMethod = "official",
+        memory: AnswerMemory | None = None,
+        auto_threshold: float = AUTO_THRESHOLD,
     ) -> None:
         if arbitration not in ARBITRATION_METHODS:
             raise ValueError(f"arbitration must be one of {ARBITRATION_METHODS}, not {arbitration!r}")
@@ -64,6 +77,8 @@ class DualFocus:
         self.min_side = min_side
         self.max_new_tokens = max_new_tokens
         self.arbitration = arbitration
+        self.memory = memory
+        self.auto_threshold = auto_threshold
 
     @classmethod
     def from_pretrained(
@@ -130,12 +145,23 @@ class DualFocus:
     def locate(self, image: ImageInput, question: str) -> Location:
         """Step 2: ask for the region the question is about and read the box in original pixels."""
         picture = load_image(image)
-        box_text = self.backend.generate(self.locate_conversation(picture, question), max_new_tokens=64)
+        box_text = self.backend.generate(
+            self.locate_conversation(picture, question), max_new_tokens=LOCATE_MAX_NEW_TOKENS
+        )
         input_size = self.backend.input_size(picture)
         parsed = parse_box(box_text, self.backend.box_convention, picture.size, input_size)
         if isinstance(parsed, NoBox):
             return Location(box_text=box_text, box=None, failure=parsed.reason)
         return Location(box_text=box_text, box=parsed)
+
+    def confidence(
+        self, image: ImageInput, question: str, answer: str, options: Sequence[str] | None = None
+    ) -> float:
+        """The macro answer's own mean NLL in the macro context: lower is more confident (inf if empty)."""
+        if not answer.strip():
+            return math.inf
+        conversation = self.macro_conversation(load_image(image), question, options)
+        return self.backend.score(conversation, [answer])[0]
 
     def zoom(self, image: ImageInput, box: Box) -> Zoom:
         """Step 3: square the box, add the margin, enforce the minimum side, clip, crop."""
@@ -211,6 +237,7 @@ class DualFocus:
         options: Sequence[str] | None = None,
         mode: Mode = "dualfocus",
         arbitration: ArbitrationMethod | None = None,
+        use_memory: bool = True,
     ) -> FocusResult:
         """Answer `question` about `image` and return the full trace.
 
@@ -218,9 +245,12 @@ class DualFocus:
             image: A path, bytes, a base64 data URI or a PIL image.
             question: The question, without options.
             options: Multiple-choice options; answers are then reduced to option letters.
-            mode: "dualfocus" (macro, zoom, micro, vote), "macro" (whole image only) or
-                "micro" (zoomed answer only; falls back to macro when no box is found).
+            mode: "dualfocus" (macro, zoom, micro, vote), "macro" (whole image only),
+                "micro" (zoomed answer only; falls back to macro when no box is found) or
+                "auto" (dualfocus, unless the macro answer is confident: see `confidence`).
             arbitration: The vote's method for this call; default the engine's.
+            use_memory: With a memory attached, answer an exact repeat from it (``cached=True``,
+                timings of the lookup only) and log every new answer; False skips both.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -228,16 +258,25 @@ class DualFocus:
             raise ValueError("question must be a non-empty string")
         options = list(options) if options else None
         picture = load_image(image)
+        digest = image_hash(picture)
+        method = arbitration or self.arbitration
+        memory = self.memory if use_memory else None
         timings: dict[str, float] = {}
+        if memory is not None:
+            with _timed(timings, "lookup"):
+                remembered = memory.lookup(
+                    digest, question, self.backend.model_id, mode, options, arbitration=method
+                )
+            if remembered is not None:
+                timings["total"] = timings["lookup"]
+                return remembered.model_copy(update={"cached": True, "timings": timings})
         trace: dict[str, object] = {}
         with _timed(timings, "total"):
-            answer, path = self._run(
-                picture, question, options, mode, arbitration or self.arbitration, timings, trace
-            )
-        return FocusResult(
+            answer, path = self._run(picture, question, options, mode, method, timings, trace)
+        result = FocusResult(
             question=question,
             options=options,
-            image_hash=image_hash(picture),
+            image_hash=digest,
             image_size=picture.size,
             model_id=self.backend.model_id,
             mode=mode,
@@ -246,6 +285,9 @@ class DualFocus:
             timings=timings,
             **trace,  # type: ignore[arg-type]
         )
+        if memory is not None:
+            memory.log(result)
+        return result
 
     def _run(
         self,
@@ -263,6 +305,15 @@ class DualFocus:
                 trace["macro_answer"] = self.macro(picture, question, options)
         if mode == "macro":
             return trace["macro_answer"], "macro"  # type: ignore[return-value]
+        if mode == "auto":
+            macro_answer: str = trace["macro_answer"]  # type: ignore[assignment]
+            with _timed(timings, "confidence"):
+                trace["macro_nll"] = nll = self.confidence(picture, question, macro_answer, options)
+            if nll <= self.auto_threshold:
+                trace["fallback"] = (
+                    f"confident macro answer (mean NLL {nll:.4g} <= {self.auto_threshold:g}); no zoom"
+                )
+                return macro_answer, "macro"
 
         with _timed(timings, "locate"):
             location = self.locate(picture, question)
@@ -327,9 +378,15 @@ class DualFocus:
                 return macro_answer, "macro"
             pair = [macro_answer, micro_answer]
             letters = pair
-        vote = self.arbitrate(
-            image, crop_image, question, pair, box_text=box_text, method=method, options=options
-        )
+        try:
+            vote = self.arbitrate(
+                image, crop_image, question, pair, box_text=box_text, method=method, options=options
+            )
+        except ScoringUnavailableError as err:
+            trace["fallback"] = (
+                f"the backend could not score the candidates, so no vote: {err}; the macro answer stands"
+            )
+            return letters[0], "macro"
         trace.update(scores={"macro": vote.scores[0], "micro": vote.scores[1]}, arbitration=method)
         return letters[vote.winner], ("macro", "micro")[vote.winner]
 
@@ -360,4 +417,12 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
         timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
 
 
-__all__ = ["ARBITRATION_METHODS", "MODES", "DualFocus", "ImageInput", "option_letter"]
+__all__ = [
+    "ARBITRATION_METHODS",
+    "AUTO_THRESHOLD",
+    "LOCATE_MAX_NEW_TOKENS",
+    "MODES",
+    "DualFocus",
+    "ImageInput",
+    "option_letter",
+]

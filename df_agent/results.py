@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from df_agent.boxes import Box
 
-Mode = Literal["dualfocus", "macro", "micro"]
+Mode = Literal["dualfocus", "macro", "micro", "auto"]
 Path = Literal["macro", "micro"]
 ArbitrationMethod = Literal["official", "own_context", "average"]
 
@@ -69,6 +69,9 @@ class FocusResult(BaseModel):
     )
     arbitration: ArbitrationMethod | None = None
     fallback: str | None = Field(default=None, description="Why the macro answer stood without a vote.")
+    macro_nll: float | None = Field(
+        default=None, description='mode="auto": the macro answer\'s own mean NLL (lower is more confident).'
+    )
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds spent in each step.")
     cached: bool = Field(default=False, description="True when answered from memory, not the model.")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -13,6 +13,10 @@ from df_agent.boxes import BoxConvention
 Role = Literal["user", "assistant"]
 
 
+class ScoringUnavailableError(RuntimeError):
+    """The backend cannot score candidates (e.g. a server that returns no prompt log-probabilities)."""
+
+
 @dataclass(frozen=True)
 class Turn:
     """One message: a role, its text and the images shown before the text (user turns only)."""
@@ -76,7 +80,8 @@ class Backend(Protocol):
     def score(self, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
         """Mean negative log-likelihood of each candidate as the assistant's reply.
 
-        Lower is better. All candidates go through one batched forward pass.
+        Lower is better. All candidates go through one batched forward pass. A backend that
+        cannot score raises `ScoringUnavailableError`, and the engine then keeps the macro answer.
         """
         ...
 
@@ -85,4 +90,4 @@ class Backend(Protocol):
         ...
 
 
-__all__ = ["Backend", "Conversation", "Role", "Turn"]
+__all__ = ["Backend", "Conversation", "Role", "ScoringUnavailableError", "Turn"]

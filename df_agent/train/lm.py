@@ -1,0 +1,289 @@
+"""Language-model stages: the three DualFocus tasks, their batches and their loss.
+
+From each record (question, answer, box) come three supervised conversations:
+
+- macro:  [image, question] -> answer
+- region: [image, box request + question] -> the box as text ("[0.12,0.34,0.56,0.78]")
+- micro:  the region conversation with the box as the assistant's reply, then
+          [crop, combine request + question] -> answer; images [full, crop]
+
+The crop follows the zoom rule (square, clip, +25 px, clip) around a jittered copy of
+the box, so the model learns to read through its own imperfect boxes. Encoding goes
+through the processor and chat template inference uses (`encode_for_training`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from df_agent.backends.base import Conversation
+from df_agent.data.format import FocusRecord
+from df_agent.train.config import StageConfig, TrainConfig
+from df_agent.train.vision import crop_region, jitter_box
+
+BOX_REQUEST = "Please provide the bounding box coordinate of the region this question asks: {question}"
+COMBINE_REQUEST = "Please combine the information from these two images and answer this question: {question}"
+TASKS = ("macro", "region", "micro")
+
+
+@dataclass
+class Example:
+    """One supervised conversation, and per image the target box for attention supervision."""
+
+    task: str
+    conversation: Conversation
+    reply: str
+    targets: list[tuple[float, float, float, float] | None] = field(default_factory=list)
+
+
+def _box_text(box, size) -> str:
+    w, h = size
+    x1, y1, x2, y2 = box
+    clip = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731
+    return f"[{clip(x1 / w):.2f},{clip(y1 / h):.2f},{clip(x2 / w):.2f},{clip(y2 / h):.2f}]"
+
+
+def make_example(
+    record: FocusRecord, image: Image.Image, task: str, rng: random.Random, jitter: float
+) -> Example:
+    """The conversation of one DualFocus task for a record."""
+    size = (record.width, record.height)
+    whole = tuple(record.box) == (0.0, 0.0, float(record.width), float(record.height))
+    target = None if whole else tuple(record.box)
+    if task == "macro":
+        return Example(task, Conversation().user(record.question, [image]), record.answer, [target])
+    region_turn = Conversation().user(BOX_REQUEST.format(question=record.question), [image])
+    if task == "region":
+        return Example(task, region_turn, record.box_text(), [target])
+    box = tuple(record.box) if whole else jitter_box(record.box, rng, jitter)
+    region = crop_region(box, size)
+    crop = image.crop(region)
+    crop_target = None
+    if target is not None:
+        x1, y1, _, _ = region
+        crop_target = (target[0] - x1, target[1] - y1, target[2] - x1, target[3] - y1)
+    conv = region_turn.assistant(_box_text(box, size)).user(
+        COMBINE_REQUEST.format(question=record.question), [crop]
+    )
+    return Example(task, conv, record.answer, [target, crop_target])
+
+
+class _EncodeOnly(torch.nn.Module):
+    """Stands in for the model inside `HFBackend` when only its encoding is needed."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+
+_BACKENDS: dict[int, object] = {}
+
+
+def encode_example(processor, config, example: Example) -> dict:
+    """Input ids, pixel values and labels (reply + end-of-turn tokens) of one example."""
+    try:
+        from df_agent.backends.hf import HFBackend, encode_for_training
+    except ImportError:  # pragma: no cover - the engine's backend is part of the package
+        from df_agent.train.encode import encode_for_training_with_processor
+
+        return encode_for_training_with_processor(processor, example.conversation, example.reply)
+    backend = _BACKENDS.get(id(processor))
+    if backend is None:
+        backend = HFBackend(_EncodeOnly(config), processor, model_id="training")
+        _BACKENDS[id(processor)] = backend
+    return encode_for_training(backend, example.conversation, example.reply)
+
+
+def _patch_mask(box, image_size, grid: int) -> torch.Tensor:
+    """Patches (row-major) of a square-resized image that the box covers at least 30% of, or its centre."""
+    w, h = image_size
+    x1, y1, x2, y2 = box
+    mask = torch.zeros(grid * grid, dtype=torch.bool)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    for r in range(grid):
+        for c in range(grid):
+            px1, px2 = c * w / grid, (c + 1) * w / grid
+            py1, py2 = r * h / grid, (r + 1) * h / grid
+            ix = max(0.0, min(x2, px2) - max(x1, px1))
+            iy = max(0.0, min(y2, py2) - max(y1, py1))
+            inside = px1 <= cx < px2 and py1 <= cy < py2
+            mask[r * grid + c] = inside or ix * iy >= 0.3 * (px2 - px1) * (py2 - py1)
+    return mask
+
+
+def collate(
+    encoded: list[dict], examples: list[Example], pad_id: int, image_token_id: int, grid: int, word_ids=None
+) -> dict:
+    """Right-pad a list of encoded examples into one batch, with attention-target masks."""
+    length = max(e["input_ids"].shape[1] for e in encoded)
+    n = len(encoded)
+    input_ids = torch.full((n, length), pad_id)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), -100)
+    key_targets = torch.zeros((n, length), dtype=torch.bool)
+    for row, (enc, ex) in enumerate(zip(encoded, examples, strict=True)):
+        ids = enc["input_ids"][0]
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = enc["labels"][0]
+        image_positions = (ids == image_token_id).nonzero().flatten()
+        per_image = grid * grid
+        for k, (image, target) in enumerate(zip(ex.conversation.images, ex.targets, strict=False)):
+            if target is None or len(image_positions) < (k + 1) * per_image:
+                continue
+            mask = _patch_mask(target, image.size, grid)
+            key_targets[row, image_positions[k * per_image : (k + 1) * per_image][mask]] = True
+    prompt = (labels == -100) & (attention_mask == 1)
+    word_targets = torch.isin(input_ids, torch.tensor(sorted(word_ids or []), dtype=torch.long)) & prompt
+    return {
+        "word_targets": word_targets,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
+        "labels": labels,
+        "key_targets": key_targets,
+        "task": torch.tensor([TASKS.index(ex.task) for ex in examples]),
+    }
+
+
+def _focusshapes_record(rng: random.Random, scene, qtypes: dict[str, float]):
+    from df_agent.data import focusshapes as fs
+
+    kinds, weights = zip(*qtypes.items(), strict=True)
+    kind = rng.choices(kinds, weights)[0]
+    shapes = [o.shape for o in scene.objects]
+    unique = [o for o in scene.objects if shapes.count(o.shape) == 1]
+    if kind == "color" and unique:
+        return fs.color_record(scene, rng.choice(unique))
+    if kind in ("color", "count"):
+        return fs.count_record(scene)
+    if kind == "exist":
+        return fs.exist_record(scene, rng, rng.random() < 0.5)
+    return fs.detail_record(scene, rng.choice(scene.objects))
+
+
+_RECORDS: dict[str, list] = {}
+
+
+def lm_batch(cfg: TrainConfig, stage: StageConfig, processor, step: int, config=None) -> dict:
+    """Batch `step` of an LM stage: a pure function of (seed, stage name, step)."""
+    rng = random.Random(f"lm-batch:{cfg.seed}:{stage.name}:{step}")
+    tasks, task_weights = zip(*stage.tasks.items(), strict=True)
+    examples = []
+    for k in range(stage.batch_size):
+        if cfg.data == "focusshapes":
+            from df_agent.data.focusshapes import render_scene
+
+            scene = render_scene(f"train:{cfg.seed}:{stage.name}:{step}:{k}", n_objects=stage.n_objects)
+            qtypes = stage.qtypes or {"detail": 1.0, "color": 0.5, "count": 0.5, "exist": 1.0}
+            record, image = _focusshapes_record(rng, scene, qtypes), scene.image
+        else:
+            from pathlib import Path
+
+            from df_agent.data.format import read_records
+
+            if cfg.data not in _RECORDS:
+                _RECORDS[cfg.data] = list(read_records(cfg.data))
+            record = rng.choice(_RECORDS[cfg.data])
+            image = Image.open(Path(cfg.data).parent / record.image).convert("RGB")
+        task = rng.choices(tasks, task_weights)[0]
+        example = make_example(record, image, task, rng, stage.box_jitter)
+        if (
+            cfg.data == "focusshapes"
+            and record.qtype == "exist"
+            and record.answer == "yes"
+            and task != "region"
+        ):
+            obj = next(o for o in scene.objects if record.question.endswith(f" {o.name}?"))
+            example.targets[0] = obj.box  # attend to the object whose existence is asked
+        examples.append(example)
+    config = config if config is not None else _model_config(cfg, processor)
+    encoded = [encode_example(processor, config, ex) for ex in examples]
+    tokenizer = processor.tokenizer
+    grid = (
+        processor.image_processor.size["height"] // processor.patch_size
+        if hasattr(processor, "patch_size")
+        else 1
+    )
+    from df_agent.data.focusshapes import COLORS, SHAPES
+
+    word_ids = {i for i in tokenizer.convert_tokens_to_ids([*COLORS, *SHAPES]) if i != tokenizer.unk_token_id}
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    return collate(encoded, examples, tokenizer.pad_token_id, image_id, grid, word_ids)
+
+
+_CONFIGS: dict[int, object] = {}
+
+
+def _model_config(cfg: TrainConfig, processor):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model_type="llava")
+
+
+def lm_loss(model, batch: dict, stage: StageConfig) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on the reply tokens, plus the optional attention supervision."""
+    aux = stage.aux_attention
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        output_attentions=aux is not None,
+    )
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
+    valid = labels != -100
+    loss = token_loss.sum() / valid.sum().clamp(min=1)
+    parts = {}
+    with torch.no_grad():
+        per_row = (token_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
+        for index, task in enumerate(TASKS):
+            rows = batch["task"] == index
+            if rows.any():
+                parts[task] = per_row[rows].mean()
+    if aux is not None and aux.weight > 0:
+        keys = batch["key_targets"]  # (B, T)
+        has = keys.any(1)
+        if has.any():
+            attn = out.attentions[aux.layer][:, aux.heads]  # (B, H, T, T)
+            queries = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            queries[:, :-1] = valid  # position t predicts token t + 1
+            mass = (attn * keys[:, None, None, :].to(attn.dtype)).sum(-1)  # (B, H, T)
+            nll = -torch.log(mass + 1e-6)
+            sel = (queries & has[:, None])[:, None, :].expand_as(nll)
+            aux_loss = nll[sel].mean()
+            loss = loss + aux.weight * aux_loss
+            parts["attn"] = aux_loss.detach()
+        words = batch["word_targets"]
+        has_words = words.any(1)
+        if aux.word_layer is not None and has_words.any():
+            attn = out.attentions[aux.word_layer][:, aux.word_heads]
+            queries = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            queries[:, :-1] = valid
+            mass = (attn * words[:, None, None, :].to(attn.dtype)).sum(-1)
+            nll = -torch.log(mass + 1e-6)
+            sel = (queries & has_words[:, None])[:, None, :].expand_as(nll)
+            word_loss = nll[sel].mean()
+            loss = loss + aux.weight * word_loss
+            parts["words"] = word_loss.detach()
+    return loss, parts
+
+
+__all__ = [
+    "BOX_REQUEST",
+    "COMBINE_REQUEST",
+    "Example",
+    "collate",
+    "encode_example",
+    "lm_batch",
+    "lm_loss",
+    "make_example",
+]

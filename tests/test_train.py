@@ -1,0 +1,136 @@
+"""The training recipe: tokenizer, encoding through the chat template, a short run that resumes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from df_agent.backends.base import Conversation
+from df_agent.data.focusshapes import generate
+from df_agent.train.build import build_model, build_processor, build_tokenizer
+from df_agent.train.config import AuxAttention, StageConfig, TrainConfig
+from df_agent.train.lm import BOX_REQUEST, COMBINE_REQUEST, encode_example, lm_batch, make_example
+
+TINY = {
+    "vision_hidden": 32,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "text_hidden": 32,
+    "text_layers": 2,
+    "text_heads": 2,
+    "text_intermediate": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(build_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate(seed=5, n_scenes=4)
+
+
+def test_tokenizer_knows_every_prompt_word_and_box(processor, data):
+    tok = processor.tokenizer
+    _, records = data
+    texts = [
+        BOX_REQUEST.format(question="What number is on the red circle?"),
+        COMBINE_REQUEST.format(question="Is there an orange star?")
+        + "\nAnswer the question using a single word or phrase",
+        *(r.question for r in records),
+        *(r.answer for r in records),
+        *(r.box_text() for r in records),
+        "[0.00,0.01,0.99,1.00]",
+    ]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, text
+        assert tok.decode(ids).replace(" ", "") == text.replace(" ", "").replace("\n", "")
+    assert len(tok("[0.12,0.34,0.56,0.78]", add_special_tokens=False)["input_ids"]) == 9
+
+
+def test_prompt_is_prefix_and_labels_cover_reply_and_end(processor, data):
+    scenes, records = data
+    tok = processor.tokenizer
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_type="llava")
+    for task in ("macro", "region", "micro"):
+        ex = make_example(records[0], scenes[0].image, task, random.Random(0), 0.1)
+        enc = encode_example(processor, config, ex)
+        prompt = processor.apply_chat_template(
+            ex.conversation.to_messages(), tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids = processor(text=prompt, images=ex.conversation.images, return_tensors="pt")["input_ids"][
+            0
+        ]
+        ids, labels = enc["input_ids"][0], enc["labels"][0]
+        assert torch.equal(ids[: len(prompt_ids)], prompt_ids)
+        assert (labels[: len(prompt_ids)] == -100).all()
+        reply_ids = tok(ex.reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert labels[len(prompt_ids) :].tolist() == reply_ids
+        assert enc["pixel_values"].shape[0] == (2 if task == "micro" else 1)
+
+
+def test_lm_batch_is_deterministic_and_targets_image_patches(processor):
+    cfg = TrainConfig(stages=[StageConfig(name="s", steps=1, batch_size=6)])
+    a = lm_batch(cfg, cfg.stages[0], processor, 3)
+    b = lm_batch(cfg, cfg.stages[0], processor, 3)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (a["input_ids"][a["key_targets"]] == image_id).all()
+
+
+def test_short_run_writes_checkpoint_that_resumes(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from df_agent.train.trainer import train
+
+    cfg = TrainConfig(
+        model=TINY,
+        num_workers=0,
+        checkpoint_every=2,
+        stages=[
+            StageConfig(name="vision", kind="vision", steps=1, batch_size=2, warmup=1),
+            StageConfig(
+                name="lm",
+                steps=3,
+                batch_size=4,
+                warmup=1,
+                n_objects=(3, 4),
+                vision_aux_scenes=1,
+                train=["vision_tower", "projector", "language_model"],
+                aux_attention=AuxAttention(layer=1, heads=[0]),
+            ),
+        ],
+    )
+    lines = []
+    assert train(cfg, tmp_path, log=lines.append, stop_after=3) is None  # vision 1 + lm 2, then stop
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert (state["stage"], state["step"]) == (1, 2)
+    final = train(cfg, tmp_path, resume=True, log=lines.append)
+    assert any("resumed at stage 1 step 2" in line for line in lines)
+    history = (tmp_path / "history.jsonl").read_text()
+    assert "NaN" not in history
+    model = AutoModelForImageTextToText.from_pretrained(final)
+    proc = AutoProcessor.from_pretrained(final)
+    conv = Conversation().user("How many objects are there?", [generate(1, 1)[0][0].image])
+    text = proc.apply_chat_template(conv.to_messages(), tokenize=False, add_generation_prompt=True)
+    out = model(**proc(text=text, images=conv.images, return_tensors="pt"))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_tiny_model_loss_is_finite(processor):
+    from df_agent.train.lm import lm_loss
+
+    model = build_model(processor.tokenizer, TINY)
+    model.set_attn_implementation("eager")
+    stage = StageConfig(name="s", steps=1, batch_size=3, aux_attention=AuxAttention(layer=1))
+    batch = lm_batch(TrainConfig(stages=[stage]), stage, processor, 0)
+    loss, parts = lm_loss(model, batch, stage)
+    loss.backward()
+    assert torch.isfinite(loss) and "attn" in parts

@@ -1,0 +1,109 @@
+"""`DualFocusToolkit`: one engine, one image registry and optionally one memory, shared by every tool."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from langchain_core.tools import BaseTool, BaseToolkit
+from PIL import Image
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from df_agent.engine import DualFocus
+from df_agent.registry import ImageRegistry
+from df_agent.toolbox import Toolbox
+from df_agent.tools.dualfocus_tools import (
+    ArbitrateAnswersTool,
+    DualFocusAnswerTool,
+    FocusedAnswerTool,
+    GlobalAnswerTool,
+    RecallVisualQATool,
+    ZoomRegionTool,
+)
+
+
+class DualFocusToolkit(BaseToolkit):
+    """The DualFocus tools for a LangChain agent, all on one engine, one registry and one memory.
+
+    Attributes:
+        engine: The DualFocus engine every tool runs on.
+        registry: Image ids and reference rules; default: no file paths, no URLs.
+        memory: A visual Q&A memory (`df_agent.memory.VisualQAMemory`; default: the engine's):
+            `dualfocus_answer` answers exact repeats from it and logs to it, and `recall_visual_qa`
+            is offered only when there is one.
+
+    Example::
+
+        toolkit = DualFocusToolkit(engine=DualFocus.from_pretrained())
+        image_id = toolkit.register_image("scene.png")  # the planner names the image by this id
+        agent = create_agent(chat_model, toolkit.get_tools())
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    engine: DualFocus
+    registry: ImageRegistry = Field(default_factory=ImageRegistry)
+    memory: Any = None
+    _toolbox: Toolbox = PrivateAttr()
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Build the toolbox the tools share."""
+        self._toolbox = Toolbox(self.engine, self.registry, self.memory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike | None = None,
+        *,
+        allowed_roots: Iterable[str | os.PathLike] = (),
+        allow_urls: bool = False,
+        memory: Any = None,
+        device: str | None = None,
+        **engine_kwargs: Any,
+    ) -> DualFocusToolkit:
+        """A toolkit over a transformers checkpoint (default: the shipped model).
+
+        Args:
+            path_or_id: A local folder or hub id; None for the shipped model.
+            allowed_roots: Folders planners may name files in (none by default).
+            allow_urls: Let planners pass http(s) URLs.
+            memory: A visual Q&A memory to log to and recall from.
+            device: "cpu", "cuda", ...; default cuda when present.
+            **engine_kwargs: Passed to `DualFocus.from_pretrained` (dtype, margin, arbitration, ...).
+        """
+        engine = DualFocus.from_pretrained(path_or_id, device=device, **engine_kwargs)
+        registry = ImageRegistry(allowed_roots, allow_urls=allow_urls)
+        return cls(engine=engine, registry=registry, memory=memory)
+
+    @property
+    def toolbox(self) -> Toolbox:
+        """The framework-neutral operations the tools call."""
+        return self._toolbox
+
+    def register_image(
+        self, image: Image.Image | bytes | str | os.PathLike, image_id: str | None = None
+    ) -> str:
+        """Register an image the planner can then name by the returned id (see `ImageRegistry.register`)."""
+        return self.registry.register(image, image_id)
+
+    def get_tools(self) -> list[BaseTool]:
+        """The tools, sharing this toolkit's engine, registry and memory.
+
+        Returns:
+            dualfocus_answer, global_answer, zoom_region, focused_answer, arbitrate_answers, and
+            recall_visual_qa when there is a memory.
+        """
+        tools: list[type[BaseTool]] = [
+            DualFocusAnswerTool,
+            GlobalAnswerTool,
+            ZoomRegionTool,
+            FocusedAnswerTool,
+            ArbitrateAnswersTool,
+        ]
+        if self._toolbox.memory is not None:
+            tools.append(RecallVisualQATool)
+        return [tool(toolbox=self._toolbox) for tool in tools]
+
+
+__all__ = ["DualFocusToolkit"]
