@@ -168,7 +168,7 @@ class VisualQAMemory:
         collection: str = DEFAULT_COLLECTION,
         journal_dir: str | PathLike | None = None,
         retry: RetryPolicy | None = None,
-        batch_delay: float = 1.0,
+        batch_delay: float = 5.0,
     ) -> None:
         if path is not None and client is not None:
             raise ValueError("pass either path (a folder or a server URL) or client, not both")
@@ -343,12 +343,14 @@ class VisualQAMemory:
                 self._store(batch)
             except Exception as exc:
                 with self._cond:
+                    first_failure = self._last_error is None
                     self._last_error = exc
                     self._retry_at = time.monotonic() + self.retry.pause
                     self._cond.notify_all()
-                logger.warning(
-                    "memory store %s unreachable (%r); %d records wait in the journal",
-                    self.location, exc, len(self._pending),
+                logger.log(
+                    logging.WARNING if first_failure else logging.DEBUG,
+                    "cannot write to the memory store %s (%r); %d records wait in the journal",
+                    self.location, exc, len(batch),
                 )  # fmt: skip
                 continue
             with self._cond:
