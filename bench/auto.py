@@ -8,7 +8,8 @@
    most `--max-loss` accuracy on these questions.
 2. Evaluation, on `--n` other questions (`--seed`): macro-only, fast DualFocus and fast auto with
    that threshold, interleaved; accuracy (exact match after normalisation) overall and per question
-   type, how often auto skipped the zoom, and median seconds per question.
+   type, how often auto skipped the zoom, median seconds per question, and (``curve``) the skip
+   rate and accuracy auto would have had at other thresholds on the same questions.
 
 The model is the shipped one (df_agent/model/) unless `--model` names another checkpoint. The last
 line is one JSON object with the figures.
@@ -59,6 +60,24 @@ def accuracy(rows: list[dict], key: str) -> dict[str, float]:
     return table
 
 
+def curve(rows: list[dict]) -> list[dict[str, float]]:
+    """Skip rate and accuracy of auto at other thresholds (never, NLL quartiles, always), same questions."""
+    nlls = sorted(r["nll"] for r in rows)
+    points = [-math.inf, *(nlls[int(q * (len(nlls) - 1))] for q in (0.25, 0.5, 0.75)), math.inf]
+    table = []
+    for threshold in points:
+        skipped = [r["nll"] <= threshold for r in rows]
+        right = [r["macro"] if s else r["dualfocus"] for r, s in zip(rows, skipped, strict=True)]
+        table.append(
+            {
+                "threshold": round(threshold, 4) if math.isfinite(threshold) else str(threshold),
+                "skip_rate": round(sum(skipped) / len(rows), 4),
+                "accuracy": round(sum(right) / len(rows), 4),
+            }
+        )
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     """Calibrate, evaluate, print the figures."""
     parser = argparse.ArgumentParser(
@@ -106,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             seconds[name].append(time.perf_counter() - began)
             row[name] = right(result.answer, answer)
             if name == "auto":
+                row["nll"] = result.macro_nll
                 row["skipped"] = result.macro_nll is not None and result.macro_nll <= auto.auto_threshold
         rows.append(row)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     table = {name: accuracy(rows, name) for name in runs}
     figures = {
         "n": args.n,
-        "threshold": calibration.threshold,
+        "threshold": calibration.threshold
+        if math.isfinite(calibration.threshold)
+        else str(calibration.threshold),
         "calibration": {
             "n": calibration.n,
             "skip_rate": round(calibration.skip_rate, 4),
@@ -128,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "accuracy": table,
         "auto_cost": round(table["dualfocus"]["all"] - table["auto"]["all"], 4),
+        "curve": curve(rows),
         "macro_s": round(medians["macro"], 5),
         "dualfocus_s": round(medians["dualfocus"], 5),
         "auto_s": round(medians["auto"], 5),

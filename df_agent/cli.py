@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
+# The engine's modes, spelled out here so that `--help` does not import torch.
+MODES = ("dualfocus", "macro", "micro", "auto")
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`; imported only when listed.
 SUBCOMMANDS: dict[str, str] = {
     "eval": "df_agent.eval.cli",
@@ -23,7 +25,9 @@ def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", nargs="?", help="image file (PNG, JPEG, ...) or a data URI")
     parser.add_argument("question", nargs="?", help="the question about the image")
     parser.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
-    parser.add_argument("--mode", choices=["dualfocus", "macro", "micro"], default="dualfocus")
+    parser.add_argument(
+        "--mode", choices=MODES, default="dualfocus", help="auto: skip the zoom when confident"
+    )
     parser.add_argument("--arbitration", choices=["official", "own_context", "average"], default="official")
     parser.add_argument("--option", action="append", dest="options", help="a multiple-choice option (repeat)")
     parser.add_argument("--json", action="store_true", help="print the full FocusResult as JSON")
@@ -92,8 +96,8 @@ def _read_batch(path: Path) -> list[tuple[int, dict]]:
             not isinstance(options, list) or not all(isinstance(o, str) for o in options)
         ):
             raise ValueError(f"{path}:{lineno}: 'options' must be a list of strings")
-        if line.get("mode", "dualfocus") not in ("dualfocus", "macro", "micro"):
-            raise ValueError(f"{path}:{lineno}: mode must be dualfocus, macro or micro")
+        if line.get("mode", "dualfocus") not in MODES:
+            raise ValueError(f"{path}:{lineno}: mode must be one of {', '.join(MODES)}")
         lines.append((lineno, line))
     if not lines:
         raise ValueError(f"{path} holds no questions")

@@ -32,9 +32,9 @@ ImageInput = str | FilePath | bytes | Image.Image
 ARBITRATION_METHODS: tuple[ArbitrationMethod, ...] = ("official", "own_context", "average")
 MODES: tuple[Mode, ...] = ("dualfocus", "macro", "micro", "auto")
 LOCATE_MAX_NEW_TOKENS = 64
-# mode="auto" skips the zoom when the macro answer's own mean NLL is at most this; calibrated for
-# the shipped model on FocusShapes (bench/auto.py, README "Performance").
-AUTO_THRESHOLD = 0.1
+# mode="auto" skips the zoom when the macro answer's own mean NLL is at most this: calibrated for the
+# shipped model on FocusShapes (bench/auto.py, README "Performance"); recalibrate for other models.
+AUTO_THRESHOLD = 2.0
 
 
 class DualFocus:
@@ -97,9 +97,14 @@ class DualFocus:
             dtype: "float32", "bfloat16", "float16"; default bfloat16 on cuda, float32 on cpu.
             **engine_kwargs: Passed to `DualFocus` (margin, min_side, arbitration, ...).
         """
-        from df_agent.backends.hf import HFBackend, shipped_model_path
+        from df_agent.backends.hf import SHIPPED_MODEL_ID, HFBackend, shipped_model_path
 
-        backend = HFBackend.from_pretrained(path_or_id or shipped_model_path(), device=device, dtype=dtype)
+        if path_or_id is None:
+            backend = HFBackend.from_pretrained(
+                shipped_model_path(), device=device, dtype=dtype, model_id=SHIPPED_MODEL_ID
+            )
+        else:
+            backend = HFBackend.from_pretrained(path_or_id, device=device, dtype=dtype)
         return cls(backend, **engine_kwargs)  # type: ignore[arg-type]
 
     # -- conversations -------------------------------------------------------------------------

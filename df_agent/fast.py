@@ -1,12 +1,14 @@
-"""Fast DualFocus: the same protocol and the same results, at little more than the cost of one answer.
+"""Fast DualFocus: the same protocol and the same results, for about twice the cost of one answer.
 
 `FastDualFocus` runs `DualFocus` step for step, inside one backend session per question: the backend
 (`df_agent.backends.hf_fast.FastHFBackend`) encodes each image once and keeps one growing key/value
 cache, so every step continues what the previous ones computed. Before the macro step the box request
-is asked for ahead (`prefetch`), so the two are decoded side by side, the box under its grammar; the
-box is used as soon as its fourth number is written, and the model's ``]`` and end of turn are
-confirmed in the micro step's forward pass (if the model had written something else, the question is
-redone without that shortcut). Backends without sessions run the plain protocol unchanged.
+is asked for ahead (`prefetch`), so the two are decoded side by side, the box under its grammar (and
+guessed whole when it begins like a box the model wrote before). A reply whose ending is guessed (a
+box's ``]`` after its fourth number, an answer of the usual length) is used at once and confirmed in
+the next forward pass; if the model had ended it otherwise, the question is redone without guessing.
+Backends without sessions run the plain protocol unchanged. `result_differences` compares two results;
+`calibrate_auto_threshold` sets ``auto_threshold`` for ``mode="auto"``.
 """
 
 from __future__ import annotations
@@ -53,11 +55,15 @@ class FastDualFocus(DualFocus):
         **engine_kwargs: object,
     ) -> FastDualFocus:
         """A fast engine over a transformers checkpoint: the shipped model when no path is given."""
-        from df_agent.backends.hf import shipped_model_path
+        from df_agent.backends.hf import SHIPPED_MODEL_ID, shipped_model_path
         from df_agent.backends.hf_fast import FastHFBackend
 
-        path = path_or_id or shipped_model_path()
-        backend = FastHFBackend.from_pretrained(path, device=device, dtype=dtype)
+        if path_or_id is None:
+            backend = FastHFBackend.from_pretrained(
+                shipped_model_path(), device=device, dtype=dtype, model_id=SHIPPED_MODEL_ID
+            )
+        else:
+            backend = FastHFBackend.from_pretrained(path_or_id, device=device, dtype=dtype)
         return cls(backend, **engine_kwargs)  # type: ignore[arg-type]
 
     def _run(
@@ -75,12 +81,14 @@ class FastDualFocus(DualFocus):
             return super()._run(picture, question, options, mode, method, timings, trace)
         from df_agent.backends.hf_fast import SpeculationError
 
+        before = dict(timings), dict(trace)
         try:
             with session(speculate=True):
                 return self._run_in_session(picture, question, options, mode, method, timings, trace)
-        except SpeculationError:  # a box did not end where its grammar said: redo it all, no guessing
-            trace.clear()
-            timings.clear()
+        except SpeculationError:  # a guessed ending was wrong: redo the question without guessing
+            for kept, now in zip(before, (timings, trace), strict=True):
+                now.clear()
+                now.update(kept)
             with session():
                 return self._run_in_session(picture, question, options, mode, method, timings, trace)
 

@@ -117,7 +117,7 @@ def test_batch_stops_at_a_bad_image_naming_its_line(
         (['{"image": "scene.png", "question": "ok?"}', "{not json"], "questions.jsonl:2: not JSON"),
         ([{"question": "where is the image?"}], "questions.jsonl:1: needs an 'image'"),
         ([{"image": "scene.png", "question": " "}], "questions.jsonl:1: needs a non-empty 'question'"),
-        ([{"image": "scene.png", "question": "q", "mode": "zoom"}], "mode must be dualfocus, macro or micro"),
+        ([{"image": "scene.png", "question": "q", "mode": "zoom"}], "mode must be one of dualfocus, macro"),
         ([{"image": "scene.png", "question": "q", "options": "red"}], "'options' must be a list of strings"),
         ([""], "holds no questions"),
     ],

@@ -24,6 +24,9 @@ FAMILIES: dict[str, tuple[BoxConvention, str]] = {
 }
 
 
+SHIPPED_MODEL_ID = "df-agent/focusshapes-small"
+
+
 def shipped_model_path() -> Path:
     """The folder of the small model trained by this project and shipped inside the package."""
     path = Path(str(resources.files("df_agent") / "model"))
@@ -82,9 +85,13 @@ class HFBackend:
         *,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
+        model_id: str | None = None,
         **kwargs: object,
     ) -> HFBackend:
-        """Load a checkpoint folder or hub id with `AutoModelForImageTextToText` and `AutoProcessor`."""
+        """Load a checkpoint folder or hub id with `AutoModelForImageTextToText` and `AutoProcessor`.
+
+        `model_id` names the model in results and memory keys; default the path or hub id.
+        """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         device = device or default_device()
@@ -97,7 +104,7 @@ class HFBackend:
             model = AutoModelForImageTextToText.from_pretrained(str(path_or_id), dtype=dtype).to(device)
         except OSError as err:
             raise OSError(f"could not load a model from {path_or_id!r}: {err}") from err
-        return cls(model, processor, model_id=str(path_or_id), **kwargs)  # type: ignore[arg-type]
+        return cls(model, processor, model_id=model_id or str(path_or_id), **kwargs)  # type: ignore[arg-type]
 
     @property
     def tokenizer(self):

@@ -7,13 +7,13 @@ Each forward pass starts where the longest computed prefix ends; several branche
 and the box, two candidates) go through one pass side by side under a tree attention mask, with the
 rotary positions each would have alone; each image is encoded once.
 
-Decoding is greedy and checks as it goes: a `Draft` may propose tokens that a grammar fixes (the
-brackets and commas of a box); the model scores them in the same pass and only those it would have
-chosen itself are kept. So answers are the plain greedy answers and scores the plain scores, up to
-floating-point rounding (fp32: about 1e-6), and a choice between two tokens closer than rounding
-could tell apart (`TIE_TOLERANCE`) is left to the plain path. In a `session(speculate=True)` a reply
-whose draft says how it ends is returned before the model confirms the end, which rides on the
-next pass (`SpeculationError` if the model disagreed). Models, attention kernels or generation
+Decoding is greedy and checks as it goes: a `Draft` proposes tokens (the brackets and commas a box's
+grammar fixes, a box or an answer seen before); the model scores them in the same pass and only those
+it would have chosen itself are kept. So answers are the plain greedy answers and scores the plain
+scores, up to floating-point rounding (fp32: about 1e-6), and a choice between two tokens closer than
+rounding could tell apart (`TIE_TOLERANCE`) is left to the plain path. In a `session(speculate=True)`
+a reply whose draft says how it ends is returned before the model confirms the end, which rides on
+the next pass (`SpeculationError` if the model disagreed). Models, attention kernels or generation
 settings this path does not handle fall back to the plain `HFBackend` methods.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,8 +39,9 @@ from df_agent.backends.hf import HFBackend, PromptMismatchError
 logger = logging.getLogger(__name__)
 
 FAST_MODEL_TYPES = ("llava", "qwen2_vl")
-# After this many replies the model did not end as their drafts said, a backend stops speculating.
-MAX_SPECULATION_FAILURES = 3
+# A backend stops speculating once more than this many of its guessed endings, plus one in twenty
+# of all it guessed, turned out wrong (each costs its question a second run).
+SPECULATION_FAILURES_ALLOWED = 2
 # Log-probability gap between the best two tokens below which a greedy choice counts as a tie, by
 # model dtype (half precision: 0.05): ties go to the plain path, so rounding never changes an answer.
 TIE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -56,24 +58,49 @@ _SEARCH_SETTINGS = (
 
 
 class Draft(Protocol):
-    """Proposes the tokens that must come next, given the tokens generated so far (possibly none)."""
+    """Guesses at what a reply will say; the model keeps only the guesses it would have made itself."""
 
-    def __call__(self, generated: Sequence[int]) -> Sequence[int]: ...
+    def propose(self, generated: Sequence[int]) -> Sequence[int]:
+        """Tokens worth checking next, given the tokens generated so far (possibly none)."""
+        ...
+
+    def ending(self, generated: Sequence[int]) -> Sequence[int]:
+        """The tokens that end the reply here if the model keeps to its format (end of turn last), or []."""
+        ...
+
+    def learn(self, reply: Sequence[int]) -> None:
+        """See a finished reply (all its tokens; the end of a guessed ending may be unconfirmed yet)."""
+        ...
 
 
-@dataclass(frozen=True)
 class BoxDraft:
-    """The box grammar ``[x1,y1,x2,y2]`` for tokenizers that write each number as one token.
+    """Drafts boxes ``[x1,y1,x2,y2]`` for tokenizers that write each number as one token.
 
-    After nothing it proposes ``[``; after the first three numbers ``,``; after the fourth ``]`` and the
-    end of turn. The numbers themselves are the model's. A proposal is only kept where the model agrees.
+    It proposes the grammar's fixed tokens (``[``, the commas, ``]`` and the end of turn) and, where
+    the box so far begins like a box the model wrote before, the rest of the most frequent such box:
+    a model that reuses boxes (whole-image boxes, a favourite position) then writes one in a pass or
+    two. `ending` is the grammar's part only: ``]`` and the end of turn after the fourth number.
+
+    Args:
+        open_id, comma_id, close_id: The ``[``, ``,`` and ``]`` tokens.
+        end_id: The end-of-turn token.
+        number_ids: Every token that is a number.
+        memory: How many different boxes to remember.
     """
 
-    open_id: int
-    comma_id: int
-    close_id: int
-    end_id: int
-    number_ids: frozenset[int]
+    def __init__(
+        self,
+        open_id: int,
+        comma_id: int,
+        close_id: int,
+        end_id: int,
+        number_ids: frozenset[int],
+        memory: int = 256,
+    ) -> None:
+        self.open_id, self.comma_id, self.close_id, self.end_id = open_id, comma_id, close_id, end_id
+        self.number_ids = number_ids
+        self.memory = memory
+        self.boxes: Counter[tuple[int, ...]] = Counter()
 
     @classmethod
     def for_tokenizer(cls, tokenizer, end_id: int) -> BoxDraft | None:
@@ -89,16 +116,69 @@ class BoxDraft:
             return None
         return cls(ids[0][0], ids[1][0], ids[2][0], end_id, numbers)
 
-    def __call__(self, generated: Sequence[int]) -> Sequence[int]:
+    def _open_box(self, generated: Sequence[int]) -> tuple[int, ...] | None:
+        """The tokens since the last ``[`` (with it); () before anything; None outside a box."""
         if not generated:
-            return [self.open_id]
-        if generated[-1] not in self.number_ids or self.open_id not in generated:
-            return []
+            return ()
+        if self.open_id not in generated:
+            return None
         opened = len(generated) - 1 - list(reversed(generated)).index(self.open_id)
-        count = sum(1 for t in generated[opened:] if t in self.number_ids)
-        if count < 4:
-            return [self.comma_id]
-        return [self.close_id, self.end_id] if count == 4 else []
+        return tuple(generated[opened:])
+
+    def propose(self, generated: Sequence[int]) -> Sequence[int]:
+        box = self._open_box(generated)
+        if box is None:
+            return []
+        seen = [b for b, _ in self.boxes.most_common() if len(b) > len(box) and b[: len(box)] == box]
+        if seen:
+            return [*seen[0][len(box) :], self.end_id]
+        if not box:
+            return [self.open_id]
+        if box[-1] in self.number_ids:
+            return self.ending(generated) or [self.comma_id]
+        return []
+
+    def ending(self, generated: Sequence[int]) -> Sequence[int]:
+        box = self._open_box(generated)
+        if not box or box[-1] not in self.number_ids:
+            return []
+        return [self.close_id, self.end_id] if sum(t in self.number_ids for t in box) == 4 else []
+
+    def learn(self, reply: Sequence[int]) -> None:
+        box = tuple(reply[:-1]) if reply and reply[-1] == self.end_id else tuple(reply)
+        if len(box) == 9 and box[0] == self.open_id and box[-1] == self.close_id:
+            self.boxes[box] += 1
+            if len(self.boxes) > self.memory:
+                del self.boxes[min(self.boxes, key=self.boxes.__getitem__)]
+
+
+class AnswerDraft:
+    """Guesses at short answers: the last answer again, and where answers usually end.
+
+    It proposes the rest of the last answer it saw while the reply begins like it (the micro answer
+    often repeats the macro answer). Its `ending` (the end of turn) is offered once `warmup` answers
+    were seen and at least `agreement` of the last `window` had the current length.
+    """
+
+    def __init__(self, end_id: int, window: int = 50, agreement: float = 0.95, warmup: int = 5) -> None:
+        self.end_id, self.agreement, self.warmup = end_id, agreement, warmup
+        self.lengths: deque[int] = deque(maxlen=window)
+        self.last: list[int] = []
+
+    def propose(self, generated: Sequence[int]) -> Sequence[int]:
+        n = len(generated)
+        return self.last[n:] if len(self.last) > n and self.last[:n] == list(generated) else []
+
+    def ending(self, generated: Sequence[int]) -> Sequence[int]:
+        if len(self.lengths) < self.warmup:
+            return []
+        usual = self.lengths.count(len(generated)) >= self.agreement * len(self.lengths)
+        return [self.end_id] if usual else []
+
+    def learn(self, reply: Sequence[int]) -> None:
+        if reply and reply[-1] == self.end_id:
+            self.lengths.append(len(reply) - 1)
+            self.last = list(reply)
 
 
 @dataclass(eq=False)
@@ -166,8 +246,10 @@ class _Row:
 class _Session:
     """What one question computes: its images, the key/value tree, and generations asked for ahead."""
 
-    def __init__(self, speculate: bool = False) -> None:
+    def __init__(self, device: torch.device, speculate: bool = False) -> None:
+        self.device = device
         self.speculate = speculate
+        self.sequences: dict[tuple[str, tuple[int, ...]], _Sequence] = {}
         self.unconfirmed: list[_Row] = []
         self.images: list[tuple[tuple[str, tuple[int, int], bytes], _Image]] = []
         self.by_id: dict[int, tuple[Image.Image, _Image]] = {}
@@ -208,14 +290,17 @@ class FastHFBackend(HFBackend):
     Use `session()` around the calls of one question (`df_agent.fast.FastDualFocus` does): images are
     encoded once, and each forward pass continues the longest prefix already computed in the session.
     Outside a session each call is its own session. `prefetch` asks for a generation ahead of time so that
-    it runs in the same forward passes as the next one (the macro answer and the box request).
-    Same constructor as `HFBackend`; `from_backend` shares an existing backend's model and processor.
+    it runs in the same forward passes as the next one (the macro answer and the box request), under a
+    `Draft` such as `box_draft`; other generations use an `AnswerDraft`. `fast` says whether this model
+    takes the fast path at all. Same constructor as `HFBackend`; `from_backend` shares an existing
+    backend's model and processor.
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._checked = False
-        self._speculation_failures = 0
+        self._speculations = [0, 0]  # endings guessed, endings wrong
+        self._answers = AnswerDraft(min(self.end_ids)) if self.end_ids else None
         self.fast = self._fast_supported()
 
     @classmethod
@@ -274,7 +359,10 @@ class FastHFBackend(HFBackend):
                 session closes. If the model disagrees, `SpeculationError` is raised (at the latest
                 when the session closes) and whatever used the reply must be redone without.
         """
-        session = _Session(speculate and self._speculation_failures < MAX_SPECULATION_FAILURES)
+        guessed, wrong = self._speculations
+        session = _Session(
+            super().device, speculate and wrong <= SPECULATION_FAILURES_ALLOWED + guessed // 20
+        )
         token = _SESSION.set(session)
         try:
             yield
@@ -283,6 +371,12 @@ class FastHFBackend(HFBackend):
                     self._forward(session, self._new_pass(session))
         finally:
             _SESSION.reset(token)
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (looked up once per session)."""
+        session = _SESSION.get()
+        return super().device if session is None else session.device
 
     @property
     def tokens_computed(self) -> int:
@@ -331,6 +425,9 @@ class FastHFBackend(HFBackend):
     def _sequence(self, session: _Session, text: str, images: Sequence[Image.Image]) -> _Sequence:
         """Tokenise rendered text as the processor does, each image placeholder expanded to its features."""
         seen = [self._image(session, image) for image in images]
+        key = (text, tuple(image.tag for image in seen))
+        if key in session.sequences:
+            return session.sequences[key]
         placeholder = self.processor.image_token
         parts = text.split(placeholder)
         if len(parts) != len(seen) + 1:
@@ -362,6 +459,7 @@ class FastHFBackend(HFBackend):
         sequence = _Sequence(ids, tags, positions, seen)
         if not self._checked:
             self._check_against_processor(sequence, text, images)
+        session.sequences[key] = sequence
         return sequence
 
     def _check_against_processor(self, sequence: _Sequence, text: str, images: Sequence[Image.Image]) -> None:
@@ -430,15 +528,17 @@ class FastHFBackend(HFBackend):
         """Finish the row now if its draft says how it ends; the model confirms it in the next pass."""
         if not session.speculate or row.draft is None:
             return
-        closing = list(row.draft(row.generated))
+        closing = list(row.draft.ending(row.generated))
         if not closing or closing[-1] not in self.end_ids:
             return
         if len(row.generated) + len(closing) > row.max_new_tokens:
             return
+        self._speculations[0] += 1
         row.closing = closing
         row.generated.extend(closing)
         row.done = True
         session.unconfirmed.append(row)
+        row.draft.learn(row.generated)
 
     def _confirm(self, session: _Session, row: _Row, logprobs: torch.Tensor) -> None:
         top = logprobs.topk(2, dim=-1)
@@ -447,7 +547,7 @@ class FastHFBackend(HFBackend):
         for j, expected in enumerate(row.closing):
             chosen, margin = int(top.indices[j, 0]), float(top.values[j, 0] - top.values[j, 1])
             if chosen != expected or margin < tolerance:
-                self._speculation_failures += 1
+                self._speculations[1] += 1
                 raise SpeculationError(
                     f"the model did not end its reply as its draft said (token {chosen}, not {expected})"
                 )
@@ -528,6 +628,7 @@ class FastHFBackend(HFBackend):
         if not conversation.turns or conversation.turns[-1].role != "user":
             raise ValueError("generate needs a conversation that ends with a user turn")
         text = self.render(conversation, add_generation_prompt=True)
+        draft = draft if draft is not None else self._answers
         return _Row(self._sequence(session, text, conversation.images), max_new_tokens, draft)
 
     def prefetch(
@@ -586,7 +687,7 @@ class FastHFBackend(HFBackend):
                 )
                 row.slots.extend(known.tolist())
                 row.known = []
-            drafts = list(row.draft(row.generated)) if row.draft else []
+            drafts = list(row.draft.propose(row.generated)) if row.draft else []
             fed = drafts[:-1] if drafts and drafts[-1] in self.end_ids else drafts
             fed = fed[: max(0, row.max_new_tokens - len(row.generated) - 1)]
             draft_slots = torch.empty(0, dtype=torch.long)
@@ -625,6 +726,8 @@ class FastHFBackend(HFBackend):
             if token in self.end_ids or len(row.generated) >= row.max_new_tokens:
                 row.done = True
                 self._keep(session, row)
+                if row.draft is not None:
+                    row.draft.learn(row.generated)
                 return
             if not fed:
                 row.known = [token]
@@ -730,8 +833,9 @@ def _same_request(row: _Row, wanted: _Row) -> bool:
 
 __all__ = [
     "FAST_MODEL_TYPES",
-    "MAX_SPECULATION_FAILURES",
+    "SPECULATION_FAILURES_ALLOWED",
     "TIE_TOLERANCE",
+    "AnswerDraft",
     "BoxDraft",
     "Draft",
     "FastHFBackend",
