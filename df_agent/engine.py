@@ -97,14 +97,9 @@ class DualFocus:
             dtype: "float32", "bfloat16", "float16"; default bfloat16 on cuda, float32 on cpu.
             **engine_kwargs: Passed to `DualFocus` (margin, min_side, arbitration, ...).
         """
-        from df_agent.backends.hf import SHIPPED_MODEL_ID, HFBackend, shipped_model_path
+        from df_agent.backends.hf import HFBackend
 
-        if path_or_id is None:
-            backend = HFBackend.from_pretrained(
-                shipped_model_path(), device=device, dtype=dtype, model_id=SHIPPED_MODEL_ID
-            )
-        else:
-            backend = HFBackend.from_pretrained(path_or_id, device=device, dtype=dtype)
+        backend = HFBackend.from_pretrained(path_or_id, device=device, dtype=dtype)
         return cls(backend, **engine_kwargs)  # type: ignore[arg-type]
 
     # -- conversations -------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path as FilePath
 
 from PIL import Image
 
@@ -44,27 +43,6 @@ class FastDualFocus(DualFocus):
         if isinstance(backend, HFBackend) and not isinstance(backend, FastHFBackend):
             backend = FastHFBackend.from_backend(backend)
         super().__init__(backend, **engine_kwargs)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_id: str | FilePath | None = None,
-        *,
-        device: str | None = None,
-        dtype: str | None = None,
-        **engine_kwargs: object,
-    ) -> FastDualFocus:
-        """A fast engine over a transformers checkpoint: the shipped model when no path is given."""
-        from df_agent.backends.hf import SHIPPED_MODEL_ID, shipped_model_path
-        from df_agent.backends.hf_fast import FastHFBackend
-
-        if path_or_id is None:
-            backend = FastHFBackend.from_pretrained(
-                shipped_model_path(), device=device, dtype=dtype, model_id=SHIPPED_MODEL_ID
-            )
-        else:
-            backend = FastHFBackend.from_pretrained(path_or_id, device=device, dtype=dtype)
-        return cls(backend, **engine_kwargs)  # type: ignore[arg-type]
 
     def _run(
         self,

@@ -81,7 +81,7 @@ class HFBackend:
     @classmethod
     def from_pretrained(
         cls,
-        path_or_id: str | Path,
+        path_or_id: str | Path | None = None,
         *,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
@@ -90,10 +90,13 @@ class HFBackend:
     ) -> HFBackend:
         """Load a checkpoint folder or hub id with `AutoModelForImageTextToText` and `AutoProcessor`.
 
-        `model_id` names the model in results and memory keys; default the path or hub id.
+        Without `path_or_id`, the shipped model. `model_id` names the model in results and memory
+        keys; default the path or hub id (`SHIPPED_MODEL_ID` for the shipped model).
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        if path_or_id is None:
+            path_or_id, model_id = shipped_model_path(), model_id or SHIPPED_MODEL_ID
         device = device or default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
