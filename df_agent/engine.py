@@ -10,6 +10,7 @@ import math
 import re
 import string
 import time
+import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path as FilePath
@@ -79,6 +80,16 @@ class DualFocus:
         self.arbitration = arbitration
         self.memory = memory
         self.auto_threshold = auto_threshold
+        # images this engine loaded itself, by id: steps called from `ask` reuse them uncopied
+        self._loaded: weakref.WeakValueDictionary[int, Image.Image] = weakref.WeakValueDictionary()
+
+    def _picture(self, image: ImageInput) -> Image.Image:
+        """`image` loaded with `load_image`, once: an image this engine loaded passes through."""
+        if isinstance(image, Image.Image) and self._loaded.get(id(image)) is image:
+            return image
+        picture = load_image(image)
+        self._loaded[id(picture)] = picture
+        return picture
 
     @classmethod
     def from_pretrained(
@@ -139,12 +150,12 @@ class DualFocus:
 
     def macro(self, image: ImageInput, question: str, options: Sequence[str] | None = None) -> str:
         """Step 1: the answer from the whole image."""
-        conversation = self.macro_conversation(load_image(image), question, options)
+        conversation = self.macro_conversation(self._picture(image), question, options)
         return self.backend.generate(conversation, max_new_tokens=self.max_new_tokens)
 
     def locate(self, image: ImageInput, question: str) -> Location:
         """Step 2: ask for the region the question is about and read the box in original pixels."""
-        picture = load_image(image)
+        picture = self._picture(image)
         box_text = self.backend.generate(
             self.locate_conversation(picture, question), max_new_tokens=LOCATE_MAX_NEW_TOKENS
         )
@@ -160,12 +171,12 @@ class DualFocus:
         """The macro answer's own mean NLL in the macro context: lower is more confident (inf if empty)."""
         if not answer.strip():
             return math.inf
-        conversation = self.macro_conversation(load_image(image), question, options)
+        conversation = self.macro_conversation(self._picture(image), question, options)
         return self.backend.score(conversation, [answer])[0]
 
     def zoom(self, image: ImageInput, box: Box) -> Zoom:
         """Step 3: square the box, add the margin, enforce the minimum side, clip, crop."""
-        picture = load_image(image)
+        picture = self._picture(image)
         region = zoom_box(box, picture.size, margin=self.margin, min_side=self.min_side)
         return Zoom(box=region, crop=crop(picture, region))
 
@@ -179,7 +190,7 @@ class DualFocus:
         options: Sequence[str] | None = None,
     ) -> str:
         """Step 4: the answer from [full image, crop], continuing the box conversation."""
-        conversation = self.micro_conversation(load_image(image), crop_image, question, box_text, options)
+        conversation = self.micro_conversation(self._picture(image), crop_image, question, box_text, options)
         return self.backend.generate(conversation, max_new_tokens=self.max_new_tokens)
 
     def arbitrate(
@@ -206,7 +217,7 @@ class DualFocus:
             raise ValueError(f"arbitration method must be one of {ARBITRATION_METHODS}, not {method!r}")
         if len(candidates) < 2:
             raise ValueError("arbitration needs at least two candidates")
-        picture = load_image(image)
+        picture = self._picture(image)
         scoring = self.score_conversation(picture, crop_image, question, box_text)
         if method == "official":
             scores = self.backend.score(scoring, candidates)
@@ -257,7 +268,7 @@ class DualFocus:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
         options = list(options) if options else None
-        picture = load_image(image)
+        picture = self._picture(image)
         digest = image_hash(picture)
         method = arbitration or self.arbitration
         memory = self.memory if use_memory else None
