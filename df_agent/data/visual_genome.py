@@ -66,16 +66,7 @@ DropReason = Literal[
     "region_too_large",
     "ambiguous_category",
 ]
-DROP_REASONS: tuple[DropReason, ...] = (
-    "empty_text",
-    "unknown_image",
-    "ungrounded",
-    "multiple_regions",
-    "invalid_box",
-    "region_too_small",
-    "region_too_large",
-    "ambiguous_category",
-)
+DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)  # in the order the checks run
 """Every reason a QA can be dropped for, in the order the checks run."""
 
 AttributeRule = Literal["unique_or_mentioned", "unique_and_mentioned"]
