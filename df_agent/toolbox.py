@@ -4,8 +4,9 @@ A `Toolbox` holds one engine, one `ImageRegistry` and optionally one visual Q&A 
 one tool: it resolves the planner's image reference, runs the engine's steps and returns a pydantic
 result whose `summary()` is the short text a planner reads. Planner mistakes (a bad reference, a
 region given twice, a box outside the image) raise `ImageReferenceError` or `ToolInputError`, which
-the adapters turn into tool errors. The argument types below carry the planner-facing descriptions,
-so both adapters describe every argument with the same words.
+the adapters turn into tool errors. `DESCRIPTIONS` (one per tool) and the argument types below carry
+the planner-facing descriptions, read from `prompts/_tools/`, so both adapters describe every tool and
+argument with the same words.
 
 A `StepObserver` sees every engine step a method runs (macro, locate, zoom, micro, arbitrate) with its
 inputs and outputs; the LangChain tools use one to emit nested child runs.
@@ -17,7 +18,9 @@ import copy
 import functools
 import inspect
 import io
+import tomllib
 from collections.abc import Sequence
+from importlib import resources
 from typing import Annotated, Any, Literal, Protocol
 
 from PIL import Image
@@ -32,135 +35,34 @@ from df_agent.results import Arbitration, FocusResult
 STEPS = ("macro", "locate", "zoom", "micro", "arbitrate")
 PREVIEW_MAX_SIDE = 768
 
-# -- what a planner reads: tool descriptions and argument descriptions -----------------------------
+# -- what a planner reads: tool and argument descriptions, kept in prompts/_tools/ ------------------
+
+_TOOL_NAMES = (
+    "dualfocus_answer",
+    "global_answer",
+    "zoom_region",
+    "focused_answer",
+    "arbitrate_answers",
+    "recall_visual_qa",
+)
+_TEXTS = resources.files("df_agent.prompts") / "_tools"
 
 DESCRIPTIONS: dict[str, str] = {
-    "dualfocus_answer": (
-        "Answer a question about an image with the whole DualFocus pipeline in one call: answer from the "
-        "whole image, find the region the question is about, zoom into it, answer again from the zoomed "
-        "view, and keep the more plausible of the two answers (a perplexity vote). Use this by default, "
-        "especially for small details (digits, text, small objects). Returns the answer, which view won, "
-        "both candidate answers and their scores, the region looked at in pixels, and a crop id for "
-        "follow-up calls."
-    ),
-    "global_answer": (
-        "Answer a question from the whole image only, without zooming (the 'macro' step). Fast and "
-        "reliable for global questions (colours, counts, whether something exists, the overall scene), "
-        "weak on small details. Returns the answer."
-    ),
-    "zoom_region": (
-        "Find the region of the image a question is about and crop it (the 'locate' and 'zoom' steps). "
-        "Returns the model's box in pixels of the original image and as fractions (0..1) of its width and "
-        "height, the model's raw box text, the square region actually cropped, a crop id to pass to "
-        "focused_answer or arbitrate_answers, and the crop itself as an image you can look at. If the "
-        "model gives no readable box it says so: then choose a box yourself and call focused_answer."
-    ),
-    "focused_answer": (
-        "Answer a question from the zoomed view: the full image plus a crop of one region (the 'micro' "
-        "step). Give the region either as crop_id (from zoom_region) or as a box you choose. Use it for "
-        "details the whole image is too coarse for, or to look at another region. Returns the answer and "
-        "the crop id of the region used."
-    ),
-    "arbitrate_answers": (
-        "Decide between two or more candidate answers to a question about an image: the model scores "
-        "each candidate in the zoomed context (the full image plus the crop of a region) as its mean "
-        "negative log-likelihood, and the lowest (most plausible) wins. Give the region as crop_id or box, "
-        "as for focused_answer. Use it when global_answer and focused_answer disagree. Returns each "
-        "candidate's score and the winner."
-    ),
-    "recall_visual_qa": (
-        "Look up past questions and answers that are similar to a question, from the visual Q&A memory, "
-        "optionally only those about the same image. Use it to see what was already learned about an "
-        "image before asking the model again. Returns up to k past records with their answers and "
-        "distances (smaller is more similar)."
-    ),
+    name: (_TEXTS / f"{name}.txt").read_text(encoding="utf-8").removesuffix("\n") for name in _TOOL_NAMES
 }
+_FIELDS: dict[str, str] = tomllib.loads((_TEXTS / "fields.toml").read_text(encoding="utf-8"))
 
-ImageArg = Annotated[
-    str,
-    Field(
-        min_length=1,
-        description=(
-            "The image: an image id that a tool returned or the host registered (such as 'img-3f2a9c01d4e5' "
-            "or 'crop-8b1e...'), a base64 data URI ('data:image/png;base64,...'), or a file path inside "
-            "the folders the host allowed. URLs work only if the host enabled them."
-        ),
-    ),
-]
-QuestionArg = Annotated[
-    str,
-    Field(
-        min_length=1,
-        description=(
-            "The question about the image, in plain words and without answer options, "
-            "e.g. 'What number is on the red circle?'."
-        ),
-    ),
-]
-OptionsArg = Annotated[
-    list[str] | None,
-    Field(
-        description=(
-            "Multiple choice only: the options' texts in order; the answer is then an option letter "
-            "(A, B, ...). Omit for open questions."
-        ),
-    ),
-]
-CropIdArg = Annotated[
-    str | None,
-    Field(
-        description=(
-            "The region as a crop id returned by zoom_region (or by dualfocus_answer or focused_answer); "
-            "the crop must have been cut from this same image. Give either crop_id or box."
-        ),
-    ),
-]
-BoxArg = Annotated[
-    list[float] | None,
-    Field(
-        min_length=4,
-        max_length=4,
-        description=(
-            "The region as [x1, y1, x2, y2]: left, top, right, bottom edges in box_units. It is made "
-            "square, given a margin and cropped, as the zoom step does. Give either crop_id or box."
-        ),
-    ),
-]
+ImageArg = Annotated[str, Field(min_length=1, description=_FIELDS["image"])]
+QuestionArg = Annotated[str, Field(min_length=1, description=_FIELDS["question"])]
+OptionsArg = Annotated[list[str] | None, Field(description=_FIELDS["options"])]
+CropIdArg = Annotated[str | None, Field(description=_FIELDS["crop_id"])]
+BoxArg = Annotated[list[float] | None, Field(min_length=4, max_length=4, description=_FIELDS["box"])]
 BoxUnits = Literal["pixels", "fraction"]
-BoxUnitsArg = Annotated[
-    BoxUnits,
-    Field(
-        description=(
-            "Units of box: 'pixels' of the original image (origin top-left, x to the right, y down) or "
-            "'fraction' of its width and height (0..1)."
-        ),
-    ),
-]
-CandidatesArg = Annotated[
-    list[str],
-    Field(
-        min_length=2,
-        description=(
-            "Two or more candidate answers to compare, e.g. the answers of global_answer and focused_answer."
-        ),
-    ),
-]
-RecallQuestionArg = Annotated[
-    str,
-    Field(
-        min_length=1, description="The question (or topic) to find similar past questions and answers for."
-    ),
-]
-RecallImageArg = Annotated[
-    str | None,
-    Field(
-        description=(
-            "Only return records about this image (an image id, data URI or allowed path); omit to "
-            "search the records of every image."
-        ),
-    ),
-]
-RecallKArg = Annotated[int, Field(ge=1, le=20, description="How many records to return at most (1..20).")]
+BoxUnitsArg = Annotated[BoxUnits, Field(description=_FIELDS["box_units"])]
+CandidatesArg = Annotated[list[str], Field(min_length=2, description=_FIELDS["candidates"])]
+RecallQuestionArg = Annotated[str, Field(min_length=1, description=_FIELDS["recall_question"])]
+RecallImageArg = Annotated[str | None, Field(description=_FIELDS["recall_image"])]
+RecallKArg = Annotated[int, Field(ge=1, le=20, description=_FIELDS["recall_k"])]
 
 
 class ToolInputError(ValueError):

@@ -1,6 +1,14 @@
-import pytest
+import asyncio
+import tomllib
+from importlib import resources
 
+import pytest
+from conftest import ScriptedBackend
+
+from df_agent.engine import DualFocus
 from df_agent.prompt_sets import families, load_prompts
+from df_agent.registry import ImageRegistry
+from df_agent.toolbox import DESCRIPTIONS, Toolbox
 
 
 def test_dualfocus_prompts_are_the_official_wording() -> None:
@@ -39,3 +47,50 @@ def test_every_family_has_every_step_with_a_question_slot() -> None:
 def test_unknown_family_names_the_shipped_ones() -> None:
     with pytest.raises(ValueError, match="dualfocus"):
         load_prompts("nope")
+
+
+def tool_texts() -> dict[str, str]:
+    """The planner-facing tool descriptions in prompts/_tools/, by tool name."""
+    folder = resources.files("df_agent.prompts") / "_tools"
+    return {
+        p.name.removesuffix(".txt"): p.read_text(encoding="utf-8").removesuffix("\n")
+        for p in folder.iterdir()
+        if p.name.endswith(".txt")
+    }
+
+
+def test_langchain_tools_are_described_by_the_prompt_files() -> None:
+    pytest.importorskip("langchain_core")
+    from df_agent.tools import DualFocusToolkit
+
+    texts = tool_texts()
+    fields = tomllib.loads(
+        (resources.files("df_agent.prompts") / "_tools" / "fields.toml").read_text("utf-8")
+    )
+    tools = DualFocusToolkit(engine=DualFocus(ScriptedBackend()), memory=object()).get_tools()
+    assert sorted(t.name for t in tools) == sorted(texts) == sorted(DESCRIPTIONS)
+    used = set()
+    for tool in tools:
+        assert texts[tool.name].strip() and tool.description == texts[tool.name] == DESCRIPTIONS[tool.name]
+        for field in tool.tool_call_schema.model_json_schema()["properties"].values():
+            assert field["description"] in fields.values(), (tool.name, field)
+            used.add(field["description"])
+    assert used == set(fields.values())
+
+
+def test_mcp_tools_are_described_by_the_prompt_files() -> None:
+    pytest.importorskip("fastmcp")
+    from fastmcp import Client
+
+    from df_agent.mcp_server import build_server
+
+    server = build_server(Toolbox(DualFocus(ScriptedBackend()), ImageRegistry(), memory=object()))
+
+    async def listed():
+        async with Client(server) as client:
+            return await client.list_tools()
+
+    texts = tool_texts()
+    tools = asyncio.run(listed())
+    assert sorted(t.name for t in tools) == sorted(texts)
+    assert all(t.description == texts[t.name] for t in tools)

@@ -104,7 +104,9 @@ def test_short_run_writes_checkpoint_that_resumes(tmp_path):
                 n_objects=(3, 4),
                 vision_aux_scenes=1,
                 train=["vision_tower", "projector", "language_model"],
-                aux_attention=AuxAttention(layer=1, heads=[0]),
+                aux_attention=AuxAttention(
+                    layer=1, heads=[0], word_layer=0, word_queries="image", probe_layer=1
+                ),
             ),
         ],
     )
@@ -112,6 +114,7 @@ def test_short_run_writes_checkpoint_that_resumes(tmp_path):
     assert train(cfg, tmp_path, log=lines.append, stop_after=3) is None  # vision 1 + lm 2, then stop
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert (state["stage"], state["step"]) == (1, 2)
+    assert state["probe"]["weight"].shape == (1, TINY["text_hidden"])  # the probe resumes too
     final = train(cfg, tmp_path, resume=True, log=lines.append)
     assert any("resumed at stage 1 step 2" in line for line in lines)
     history = (tmp_path / "history.jsonl").read_text()
@@ -134,3 +137,26 @@ def test_tiny_model_loss_is_finite(processor):
     loss, parts = lm_loss(model, batch, stage)
     loss.backward()
     assert torch.isfinite(loss) and "attn" in parts
+
+
+def test_question_comes_before_its_images(processor):
+    """Each patch must be able to attend to the question (causal attention looks back only)."""
+    conv = Conversation().user("What number is on the red circle?", [generate(1, 1)[0][0].image])
+    text = processor.apply_chat_template(conv.to_messages(), tokenize=False, add_generation_prompt=True)
+    assert text.index("circle?") < text.index("<image>") < text.index("ASSISTANT:")
+
+
+def test_probe_and_patch_word_attention_are_supervised(processor):
+    from df_agent.train.lm import lm_loss
+
+    model = build_model(processor.tokenizer, TINY)
+    model.set_attn_implementation("eager")
+    aux = AuxAttention(layer=1, word_layer=0, word_queries="image", probe_layer=1)
+    stage = StageConfig(name="s", steps=1, batch_size=6, aux_attention=aux, qtypes={"detail": 1.0})
+    batch = lm_batch(TrainConfig(stages=[stage]), stage, processor, 0)
+    assert batch["key_targets"].any() and (batch["key_targets"] <= batch["image_positions"]).all()
+    probe = torch.nn.Linear(TINY["text_hidden"], 1)
+    loss, parts = lm_loss(model, batch, stage, probe)
+    loss.backward()
+    assert {"attn", "words", "probe"} <= parts.keys() and torch.isfinite(loss)
+    assert probe.weight.grad is not None and probe.weight.grad.abs().sum() > 0

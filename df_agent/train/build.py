@@ -4,9 +4,11 @@ The tokenizer knows every word of the DualFocus prompts and of FocusShapes, and
 every two-decimal coordinate "0.00".."1.00" as ONE token, so a box
 "[0.12,0.34,0.56,0.78]" is 9 tokens and each coordinate is one classification.
 Decoding joins tokens with spaces ("[ 0.12 , 0.34 , 0.56 , 0.78 ]"); the first four
-numbers still parse as the box. The chat template is llava-hf style:
-``USER: <image>\\n{text} ASSISTANT: {reply}</s> USER: ...``, several turns and several
-images per turn.
+numbers still parse as the box. The chat template is llava-hf style
+with the text of a turn before its images, ``USER: {text}\\n<image> ASSISTANT: {reply}</s> USER: ...``
+(several turns, several images per turn): each image patch can then attend to the
+question, so finding the object a question names is a per-patch match the answer only
+has to gather.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] != 'system' -%}{{- message['role'].upper() + ': ' -}}{%- endif -%}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}"
-    "{%- for c in message['content'] if c['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
     "{%- for c in message['content'] if c['type'] == 'text' -%}{{- c['text'] -}}{%- endfor -%}"
+    "{%- for c in message['content'] if c['type'] == 'image' -%}{{- '\\n<image>' -}}{%- endfor -%}"
     "{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}{{- '</s>' -}}{%- endif -%}"
     "{{- ' ' -}}"

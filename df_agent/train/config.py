@@ -24,6 +24,18 @@ class AuxAttention(BaseModel):
         description="Also supervise this layer's heads to attend to the question's object words.",
     )
     word_heads: list[int] = Field(default_factory=lambda: [0])
+    word_queries: Literal["reply", "image"] = Field(
+        default="reply",
+        description="Whose attention goes to the words: the reply's positions or the image patches'.",
+    )
+    probe_layer: int | None = Field(
+        default=None,
+        description=(
+            "Train a linear probe on this hidden state (0 = embeddings) to mark, at every image "
+            "patch, whether it shows the object the question names (thrown away afterwards)."
+        ),
+    )
+    probe_weight: float = 1.0
 
 
 class StageConfig(BaseModel):

@@ -141,6 +141,7 @@ def collate(
     prompt = (labels == -100) & (attention_mask == 1)
     word_targets = torch.isin(input_ids, torch.tensor(sorted(word_ids or []), dtype=torch.long)) & prompt
     return {
+        "image_positions": input_ids == image_token_id,
         "word_targets": word_targets,
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -193,12 +194,7 @@ def lm_batch(cfg: TrainConfig, stage: StageConfig, processor, step: int, config=
             image = Image.open(Path(cfg.data).parent / record.image).convert("RGB")
         task = rng.choices(tasks, task_weights)[0]
         example = make_example(record, image, task, rng, stage.box_jitter)
-        if (
-            cfg.data == "focusshapes"
-            and record.qtype == "exist"
-            and record.answer == "yes"
-            and task != "region"
-        ):
+        if cfg.data == "focusshapes" and record.qtype == "exist" and record.answer == "yes":
             obj = next(o for o in scene.objects if record.question.endswith(f" {o.name}?"))
             example.targets[0] = obj.box  # attend to the object whose existence is asked
         examples.append(example)
@@ -226,14 +222,15 @@ def _model_config(cfg: TrainConfig, processor):
     return SimpleNamespace(model_type="llava")
 
 
-def lm_loss(model, batch: dict, stage: StageConfig) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy on the reply tokens, plus the optional attention supervision."""
+def lm_loss(model, batch: dict, stage: StageConfig, probe=None) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on the reply tokens, plus the optional attention and probe supervision."""
     aux = stage.aux_attention
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         pixel_values=batch["pixel_values"],
         output_attentions=aux is not None,
+        output_hidden_states=probe is not None,
     )
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
@@ -266,15 +263,30 @@ def lm_loss(model, batch: dict, stage: StageConfig) -> tuple[torch.Tensor, dict]
         has_words = words.any(1)
         if aux.word_layer is not None and has_words.any():
             attn = out.attentions[aux.word_layer][:, aux.word_heads]
-            queries = torch.zeros_like(batch["labels"], dtype=torch.bool)
-            queries[:, :-1] = valid
+            if aux.word_queries == "image":
+                queries = batch["image_positions"] & _after_first_word(words)
+            else:
+                queries = torch.zeros_like(batch["labels"], dtype=torch.bool)
+                queries[:, :-1] = valid
             mass = (attn * words[:, None, None, :].to(attn.dtype)).sum(-1)
             nll = -torch.log(mass + 1e-6)
             sel = (queries & has_words[:, None])[:, None, :].expand_as(nll)
             word_loss = nll[sel].mean()
             loss = loss + aux.weight * word_loss
             parts["words"] = word_loss.detach()
+    if probe is not None:
+        patches = batch["image_positions"]
+        logits = probe(out.hidden_states[aux.probe_layer][patches]).squeeze(-1)
+        target = batch["key_targets"][patches].float()
+        probe_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        loss = loss + aux.probe_weight * probe_loss
+        parts["probe"] = probe_loss.detach()
     return loss, parts
+
+
+def _after_first_word(words: torch.Tensor) -> torch.Tensor:
+    """Positions after the first target word of their row (only they can attend to one)."""
+    return words.long().cumsum(1) > 0
 
 
 __all__ = [

@@ -132,7 +132,7 @@ def train(
 
 
 def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history, log, budget=None) -> int:
-    heads = None
+    heads = probe = None
     if stage.kind == "vision":
         from df_agent.train.vision import VisionHeads, patch_features, vision_batch
 
@@ -156,6 +156,10 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
         from df_agent.train.lm import lm_batch, lm_loss
 
         groups = _set_trainable(model, stage.train, stage.vision_lr_scale)
+        aux = stage.aux_attention
+        if aux is not None and aux.probe_layer is not None:
+            probe = torch.nn.Linear(model.config.text_config.hidden_size, 1)
+            groups.append({"params": list(probe.parameters()), "lr_scale": 1.0})
         if stage.vision_aux_scenes:  # keep the per-patch labels on while the tower trains
             from df_agent.train.vision import VisionHeads, patch_features, vision_batch
 
@@ -181,6 +185,8 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
         optimizer.load_state_dict(resumed["optimizer"])
         if heads is not None and resumed.get("heads"):
             heads.load_state_dict(resumed["heads"])
+        if probe is not None and resumed.get("probe"):
+            probe.load_state_dict(resumed["probe"])
     model.train()
     last = stage.steps if budget is None else min(stage.steps, first + budget)
     loader = DataLoader(
@@ -197,7 +203,7 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
         if stage.kind == "vision":
             loss, parts = heads(patch_features(model, batch["pixel_values"]), batch["labels"])
         else:
-            loss, parts = lm_loss(model, batch, stage)
+            loss, parts = lm_loss(model, batch, stage, probe)
             if heads is not None:
                 vision = batch["vision"]
                 vloss, vparts = heads(patch_features(model, vision["pixel_values"]), vision["labels"])
@@ -213,7 +219,11 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
         bar.update(1)
         if (step + 1) % 25 == 0 or step + 1 == last:
             bar.set_postfix(
-                {k: f"{v:.3f}" for k, v in running.items() if k in ("loss", "digit_acc", "region")}
+                {
+                    k: f"{v:.3f}"
+                    for k, v in running.items()
+                    if k in ("loss", "digit_acc", "region", "attn", "probe")
+                }
             )
             with history.open("a") as f:
                 f.write(
@@ -236,6 +246,7 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "heads": heads.state_dict() if heads is not None else None,
+                    "probe": probe.state_dict() if probe is not None else None,
                 },
             )
     bar.close()
