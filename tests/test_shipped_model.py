@@ -1,4 +1,5 @@
-"""The model shipped in the package loads with the Auto classes and reads a digit through a crop."""
+"""The model shipped in the package: loads with the Auto classes, finds the object a question names,
+and answers existence questions from the whole image (see df_agent/model/README.md for its figures)."""
 
 from __future__ import annotations
 
@@ -6,46 +7,50 @@ from pathlib import Path
 
 import pytest
 
-from df_agent.backends.base import Conversation
+from df_agent import Box, DualFocus
 from df_agent.data.focusshapes import generate
-from df_agent.train.lm import BOX_REQUEST, COMBINE_REQUEST
-from df_agent.train.vision import crop_region
 
 MODEL = Path(__file__).resolve().parents[1] / "df_agent" / "model"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="shipped model not built yet")
-def test_shipped_model_answers_detail_questions_through_the_crop():
-    import torch
+@pytest.fixture(scope="module")
+def engine() -> DualFocus:
+    return DualFocus.from_pretrained(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """30 scenes from a seed no training batch uses (training seeds are strings "train:...")."""
+    scenes, records = generate(seed=31337, n_scenes=30)
+    return {f"images/{s.id}.png": s.image for s in scenes}, records
+
+
+def test_shipped_model_is_small_and_loads_with_the_auto_classes() -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(MODEL)
-    model = AutoModelForImageTextToText.from_pretrained(MODEL).eval()
     assert sum(f.stat().st_size for f in MODEL.iterdir()) < 20 * 2**20
-    scenes, records = generate(seed=424242, n_scenes=30)
-    images = {f"images/{s.id}.png": s.image for s in scenes}
+    model = AutoModelForImageTextToText.from_pretrained(MODEL)
+    assert model.config.model_type == "llava" and AutoProcessor.from_pretrained(MODEL).chat_template
+
+
+@pytest.mark.slow
+def test_shipped_model_boxes_the_object_the_question_names(engine, held_out) -> None:
+    images, records = held_out
     details = [r for r in records if r.qtype == "detail"]
-    texts, crops = [], []
+    ious = []
     for r in details:
-        image = images[r.image]
-        conv = (
-            Conversation()
-            .user(BOX_REQUEST.format(question=r.question), [image])
-            .assistant(r.box_text())
-            .user(COMBINE_REQUEST.format(question=r.question), [image.crop(crop_region(r.box, image.size))])
-        )
-        texts.append(
-            processor.apply_chat_template(conv.to_messages(), tokenize=False, add_generation_prompt=True)
-        )
-        crops.extend(conv.images)
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=crops, return_tensors="pt", padding=True)
-    processor.tokenizer.padding_side = "right"
-    with torch.inference_mode():
-        next_token = model(**inputs).logits[:, -1].argmax(-1)  # one batched pass: the first answer token
-    answers = processor.tokenizer.convert_ids_to_tokens(next_token.tolist())
-    right = sum(a == r.answer for a, r in zip(answers, details, strict=True))
-    # The shipped model reads ~35% of digits through the true crop (chance: 10%);
-    # see df_agent/model/README.md.
-    assert right >= 0.2 * len(details)
+        location = engine.locate(images[r.image], r.question)
+        target = Box(x1=r.box[0], y1=r.box[1], x2=r.box[2], y2=r.box[3])
+        ious.append(location.box.iou(target) if location.box is not None else 0.0)
+    # Measured 0.40 on 300 scenes; a box at the typical position scores ~0.03 (the previous model).
+    assert sum(ious) / len(ious) >= 0.25
+
+
+@pytest.mark.slow
+def test_shipped_model_answers_existence_from_the_whole_image(engine, held_out) -> None:
+    images, records = held_out
+    exist = [r for r in records if r.qtype == "exist"]
+    assert {r.answer for r in exist} == {"yes", "no"}
+    right = sum(engine.macro(images[r.image], r.question) == r.answer for r in exist)
+    # Measured 0.81 on 300 scenes; always answering one way scores 0.5.
+    assert right >= 0.65 * len(exist)

@@ -160,3 +160,17 @@ def test_probe_and_patch_word_attention_are_supervised(processor):
     loss.backward()
     assert {"attn", "words", "probe"} <= parts.keys() and torch.isfinite(loss)
     assert probe.weight.grad is not None and probe.weight.grad.abs().sum() > 0
+
+
+def test_attend_digit_points_micro_digit_replies_at_the_glyph(processor):
+    common = {"name": "s", "steps": 1, "batch_size": 8, "tasks": {"micro": 1.0}, "qtypes": {"detail": 1.0}}
+    whole = StageConfig(**common)
+    glyph = StageConfig(**common, attend_digit=True)
+    a = lm_batch(TrainConfig(stages=[whole]), whole, processor, 0)
+    b = lm_batch(TrainConfig(stages=[glyph]), glyph, processor, 0)
+    assert torch.equal(a["input_ids"], b["input_ids"])  # the same conversations, other targets
+    crop = torch.zeros_like(a["image_positions"])
+    for row, positions in enumerate(a["image_positions"]):
+        crop[row, positions.nonzero().flatten()[64:]] = True  # the second image of each row: the crop
+    on_object, on_glyph = (a["key_targets"] & crop).sum(1), (b["key_targets"] & crop).sum(1)
+    assert (on_glyph >= 1).all() and (on_glyph < on_object).all()

@@ -70,6 +70,10 @@ class StageConfig(BaseModel):
     )
     box_jitter: float = 0.15
     aux_attention: AuxAttention | None = None
+    attend_digit: bool = Field(
+        default=False,
+        description="FocusShapes: micro replies to digit questions attend to the digit's glyph in the crop.",
+    )
     crops_per_scene: int = Field(
         default=2, description="Vision stages: crops per scene (true, then jittered)."
     )

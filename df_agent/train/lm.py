@@ -48,9 +48,18 @@ def _box_text(box, size) -> str:
 
 
 def make_example(
-    record: FocusRecord, image: Image.Image, task: str, rng: random.Random, jitter: float
+    record: FocusRecord,
+    image: Image.Image,
+    task: str,
+    rng: random.Random,
+    jitter: float,
+    answer_box: tuple[float, float, float, float] | None = None,
 ) -> Example:
-    """The conversation of one DualFocus task for a record."""
+    """The conversation of one DualFocus task for a record.
+
+    `answer_box` (pixels), if given, is where the answer is read in the crop (a digit's
+    glyph rather than the whole object): the micro reply's attention target there.
+    """
     size = (record.width, record.height)
     whole = tuple(record.box) == (0.0, 0.0, float(record.width), float(record.height))
     target = None if whole else tuple(record.box)
@@ -63,9 +72,10 @@ def make_example(
     region = crop_region(box, size)
     crop = image.crop(region)
     crop_target = None
-    if target is not None:
+    read = answer_box if answer_box is not None else target
+    if read is not None:
         x1, y1, _, _ = region
-        crop_target = (target[0] - x1, target[1] - y1, target[2] - x1, target[3] - y1)
+        crop_target = (read[0] - x1, read[1] - y1, read[2] - x1, read[3] - y1)
     conv = region_turn.assistant(_box_text(box, size)).user(
         COMBINE_REQUEST.format(question=record.question), [crop]
     )
@@ -193,7 +203,10 @@ def lm_batch(cfg: TrainConfig, stage: StageConfig, processor, step: int, config=
             record = rng.choice(_RECORDS[cfg.data])
             image = Image.open(Path(cfg.data).parent / record.image).convert("RGB")
         task = rng.choices(tasks, task_weights)[0]
-        example = make_example(record, image, task, rng, stage.box_jitter)
+        answer_box = None
+        if stage.attend_digit and cfg.data == "focusshapes" and record.qtype == "detail":
+            answer_box = next(o for o in scene.objects if tuple(o.box) == tuple(record.box)).digit_box
+        example = make_example(record, image, task, rng, stage.box_jitter, answer_box)
         if cfg.data == "focusshapes" and record.qtype == "exist" and record.answer == "yes":
             obj = next(o for o in scene.objects if record.question.endswith(f" {o.name}?"))
             example.targets[0] = obj.box  # attend to the object whose existence is asked
