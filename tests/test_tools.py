@@ -414,11 +414,6 @@ def test_agent_zooms_focuses_and_arbitrates_on_a_focusshapes_scene() -> None:
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the digit can only be read by the shipped model (df_agent/model/)")
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 is open: the shipped model finds the named object (IoU 0.40) but does not yet read the "
-    "digit through the crop (0.09, chance 0.10); strict, so this fails loudly once the model learns it",
-)
 def test_agent_on_the_shipped_model_answers_the_digit() -> None:
     toolkit = DualFocusToolkit(engine=DualFocus.from_pretrained(device="cpu"))
     scene = render_scene("agent-test")
