@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -163,6 +164,7 @@ def collate(
 
 
 def _focusshapes_record(rng: random.Random, scene, qtypes: dict[str, float]):
+    """A record of a random question type, and the object it names (None: none, or not there)."""
     from df_agent.data import focusshapes as fs
 
     kinds, weights = zip(*qtypes.items(), strict=True)
@@ -170,12 +172,16 @@ def _focusshapes_record(rng: random.Random, scene, qtypes: dict[str, float]):
     shapes = [o.shape for o in scene.objects]
     unique = [o for o in scene.objects if shapes.count(o.shape) == 1]
     if kind == "color" and unique:
-        return fs.color_record(scene, rng.choice(unique))
+        obj = rng.choice(unique)
+        return fs.color_record(scene, obj), obj
     if kind in ("color", "count"):
-        return fs.count_record(scene)
+        return fs.count_record(scene), None
     if kind == "exist":
-        return fs.exist_record(scene, rng, rng.random() < 0.5)
-    return fs.detail_record(scene, rng.choice(scene.objects))
+        record = fs.exist_record(scene, rng, rng.random() < 0.5)
+        named = [o for o in scene.objects if record.question.endswith(f" {o.name}?")]
+        return record, (named[0] if named else None)
+    obj = rng.choice(scene.objects)
+    return fs.detail_record(scene, obj), obj
 
 
 _RECORDS: dict[str, list] = {}
@@ -187,12 +193,13 @@ def lm_batch(cfg: TrainConfig, stage: StageConfig, processor, step: int, config=
     tasks, task_weights = zip(*stage.tasks.items(), strict=True)
     examples = []
     for k in range(stage.batch_size):
+        named = None
         if cfg.data == "focusshapes":
             from df_agent.data.focusshapes import render_scene
 
             scene = render_scene(f"train:{cfg.seed}:{stage.name}:{step}:{k}", n_objects=stage.n_objects)
             qtypes = stage.qtypes or {"detail": 1.0, "color": 0.5, "count": 0.5, "exist": 1.0}
-            record, image = _focusshapes_record(rng, scene, qtypes), scene.image
+            (record, named), image = _focusshapes_record(rng, scene, qtypes), scene.image
         else:
             from pathlib import Path
 
@@ -203,15 +210,12 @@ def lm_batch(cfg: TrainConfig, stage: StageConfig, processor, step: int, config=
             record = rng.choice(_RECORDS[cfg.data])
             image = Image.open(Path(cfg.data).parent / record.image).convert("RGB")
         task = rng.choices(tasks, task_weights)[0]
-        answer_box = None
-        if stage.attend_digit and cfg.data == "focusshapes" and record.qtype == "detail":
-            answer_box = next(o for o in scene.objects if tuple(o.box) == tuple(record.box)).digit_box
+        answer_box = named.digit_box if stage.attend_digit and named and record.qtype == "detail" else None
         example = make_example(record, image, task, rng, stage.box_jitter, answer_box)
-        if cfg.data == "focusshapes" and record.qtype == "exist" and record.answer == "yes":
-            obj = next(o for o in scene.objects if record.question.endswith(f" {o.name}?"))
-            example.targets[0] = obj.box  # attend to the object whose existence is asked
+        if record.qtype == "exist" and named is not None:
+            example.targets[0] = named.box  # attend to the object whose existence is asked
         examples.append(example)
-    config = config if config is not None else _model_config(cfg, processor)
+    config = config if config is not None else SimpleNamespace(model_type="llava")
     encoded = [encode_example(processor, config, ex) for ex in examples]
     tokenizer = processor.tokenizer
     grid = (
@@ -224,15 +228,6 @@ def lm_batch(cfg: TrainConfig, stage: StageConfig, processor, step: int, config=
     word_ids = {i for i in tokenizer.convert_tokens_to_ids([*COLORS, *SHAPES]) if i != tokenizer.unk_token_id}
     image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
     return collate(encoded, examples, tokenizer.pad_token_id, image_id, grid, word_ids)
-
-
-_CONFIGS: dict[int, object] = {}
-
-
-def _model_config(cfg: TrainConfig, processor):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(model_type="llava")
 
 
 def lm_loss(model, batch: dict, stage: StageConfig, probe=None) -> tuple[torch.Tensor, dict]:
@@ -260,31 +255,20 @@ def lm_loss(model, batch: dict, stage: StageConfig, probe=None) -> tuple[torch.T
             if rows.any():
                 parts[task] = per_row[rows].mean()
     if aux is not None and aux.weight > 0:
-        keys = batch["key_targets"]  # (B, T)
-        has = keys.any(1)
-        if has.any():
-            attn = out.attentions[aux.layer][:, aux.heads]  # (B, H, T, T)
-            queries = torch.zeros_like(batch["labels"], dtype=torch.bool)
-            queries[:, :-1] = valid  # position t predicts token t + 1
-            mass = (attn * keys[:, None, None, :].to(attn.dtype)).sum(-1)  # (B, H, T)
-            nll = -torch.log(mass + 1e-6)
-            sel = (queries & has[:, None])[:, None, :].expand_as(nll)
-            aux_loss = nll[sel].mean()
-            loss = loss + aux.weight * aux_loss
-            parts["attn"] = aux_loss.detach()
+        replies = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        replies[:, :-1] = valid  # position t predicts token t + 1
+        keys = batch["key_targets"]
+        if keys.any():
+            attn_loss = _attention_nll(out.attentions[aux.layer][:, aux.heads], replies, keys)
+            loss = loss + aux.weight * attn_loss
+            parts["attn"] = attn_loss.detach()
         words = batch["word_targets"]
-        has_words = words.any(1)
-        if aux.word_layer is not None and has_words.any():
-            attn = out.attentions[aux.word_layer][:, aux.word_heads]
+        if aux.word_layer is not None and words.any():
             if aux.word_queries == "image":
                 queries = batch["image_positions"] & _after_first_word(words)
             else:
-                queries = torch.zeros_like(batch["labels"], dtype=torch.bool)
-                queries[:, :-1] = valid
-            mass = (attn * words[:, None, None, :].to(attn.dtype)).sum(-1)
-            nll = -torch.log(mass + 1e-6)
-            sel = (queries & has_words[:, None])[:, None, :].expand_as(nll)
-            word_loss = nll[sel].mean()
+                queries = replies
+            word_loss = _attention_nll(out.attentions[aux.word_layer][:, aux.word_heads], queries, words)
             loss = loss + aux.weight * word_loss
             parts["words"] = word_loss.detach()
     if probe is not None:
@@ -295,6 +279,17 @@ def lm_loss(model, batch: dict, stage: StageConfig, probe=None) -> tuple[torch.T
         loss = loss + aux.probe_weight * probe_loss
         parts["probe"] = probe_loss.detach()
     return loss, parts
+
+
+def _attention_nll(attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Mean -log(attention mass on `keys`) over the `queries` of rows that have keys.
+
+    attn: (B, H, T, T); queries, keys: (B, T) booleans.
+    """
+    mass = (attn * keys[:, None, None, :].to(attn.dtype)).sum(-1)  # (B, H, T)
+    nll = -torch.log(mass + 1e-6)
+    selected = (queries & keys.any(1)[:, None])[:, None, :].expand_as(nll)
+    return nll[selected].mean()
 
 
 def _after_first_word(words: torch.Tensor) -> torch.Tensor:

@@ -131,10 +131,24 @@ def train(
     return final
 
 
+def _vision_batch(cfg: TrainConfig, stage: StageConfig, processor, step: int, n_scenes: int) -> dict:
+    """Per-patch-labelled views of step `step` of a stage (the vision stage, or an LM stage's aux)."""
+    from df_agent.train.vision import vision_batch
+
+    return vision_batch(
+        f"{cfg.seed}:{stage.name}:{step}",
+        n_scenes,
+        processor,
+        stage.n_objects,
+        crops_per_scene=stage.crops_per_scene,
+        full_view_every=stage.full_view_every,
+    )
+
+
 def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history, log, budget=None) -> int:
     heads = probe = None
     if stage.kind == "vision":
-        from df_agent.train.vision import VisionHeads, patch_features, vision_batch
+        from df_agent.train.vision import VisionHeads, patch_features
 
         heads = VisionHeads(model.config.vision_config.hidden_size, stage.digit_weight)
         groups = [
@@ -143,14 +157,7 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
         ]
 
         def make_batch(step):
-            return vision_batch(
-                f"{cfg.seed}:{stage.name}:{step}",
-                stage.batch_size,
-                processor,
-                stage.n_objects,
-                crops_per_scene=stage.crops_per_scene,
-                full_view_every=stage.full_view_every,
-            )
+            return _vision_batch(cfg, stage, processor, step, stage.batch_size)
 
     else:
         from df_agent.train.lm import lm_batch, lm_loss
@@ -161,7 +168,7 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
             probe = torch.nn.Linear(model.config.text_config.hidden_size, 1)
             groups.append({"params": list(probe.parameters()), "lr_scale": 1.0})
         if stage.vision_aux_scenes:  # keep the per-patch labels on while the tower trains
-            from df_agent.train.vision import VisionHeads, patch_features, vision_batch
+            from df_agent.train.vision import VisionHeads, patch_features
 
             heads = VisionHeads(model.config.vision_config.hidden_size, stage.digit_weight)
             groups.append({"params": list(heads.parameters()), "lr_scale": 1.0})
@@ -169,14 +176,7 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
         def make_batch(step):
             batch = lm_batch(cfg, stage, processor, step)
             if stage.vision_aux_scenes:
-                batch["vision"] = vision_batch(
-                    f"{cfg.seed}:{stage.name}:{step}",
-                    stage.vision_aux_scenes,
-                    processor,
-                    stage.n_objects,
-                    crops_per_scene=stage.crops_per_scene,
-                    full_view_every=stage.full_view_every,
-                )
+                batch["vision"] = _vision_batch(cfg, stage, processor, step, stage.vision_aux_scenes)
             return batch
 
     params = [p for g in groups for p in g["params"]]
