@@ -174,3 +174,37 @@ def test_attend_digit_points_micro_digit_replies_at_the_glyph(processor):
         crop[row, positions.nonzero().flatten()[64:]] = True  # the second image of each row: the crop
     on_object, on_glyph = (a["key_targets"] & crop).sum(1), (b["key_targets"] & crop).sum(1)
     assert (on_glyph >= 1).all() and (on_glyph < on_object).all()
+
+
+def test_train_time_bench_times_every_stage(tmp_path, capsys):
+    """bench/train_time.py runs each stage through the trainer and sums steps x steady seconds per step."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "train_time", Path(__file__).parent.parent / "bench" / "train_time.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = TrainConfig(
+        model=TINY,
+        num_workers=0,
+        stages=[
+            StageConfig(name="vision", kind="vision", steps=400, batch_size=1, warmup=1, crops_per_scene=1),
+            StageConfig(name="lm", steps=900, batch_size=2, warmup=1, n_objects=(3, 3)),
+        ],
+    )
+    config = tmp_path / "cfg.json"
+    config.write_text(cfg.model_dump_json())
+    assert bench.main(["--config", str(config), "--steps", "75", "--warmup", "25"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stages = figures["stages"]
+    assert [stages[name]["steps"] for name in ("vision", "lm")] == [400, 900]
+    assert all(stage["seconds_per_step"] > 0 for stage in stages.values())
+    total = sum(stage["steps"] * stage["seconds_per_step"] for stage in stages.values()) / 60
+    assert figures["estimated_minutes"] == pytest.approx(total, abs=0.05)
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"step": 25, "time": 1.0}\n')
+    with pytest.raises(ValueError, match="too few steps"):
+        bench.steady_seconds_per_step(history, 25)

@@ -15,6 +15,7 @@ the same questions, on any machine.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Iterator
@@ -113,7 +114,9 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     nrng = np.random.default_rng(rng.getrandbits(32))
     base = np.array([rng.randint(225, 250) for _ in range(3)], dtype=np.float32)
     noise = nrng.normal(0, 6, size=(size, size, 1)).astype(np.float32)
-    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+    pixels = np.add(noise, base)
+    np.clip(pixels, 0, 255, out=pixels)  # in place: a training step renders dozens of scenes
+    pixels = pixels.astype(np.uint8)
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(12, 24)):  # faint grey clutter: lines and small arcs
@@ -126,6 +129,12 @@ def _background(rng: random.Random, size: int) -> Image.Image:
             r = rng.uniform(5, 20)
             draw.arc((x - r, y - r, x + r, y + r), rng.uniform(0, 360), rng.uniform(0, 360), fill=(grey,) * 3)
     return image
+
+
+@functools.cache
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """PIL's built-in font at `size`, loaded once per process."""
+    return ImageFont.load_default(size=size)
 
 
 def render_scene(
@@ -156,7 +165,7 @@ def render_scene(
     object_map = Image.new("L", (size, size), 0)
     digit_map = Image.new("L", (size, size), 0)
     omap, dmap = ImageDraw.Draw(object_map), ImageDraw.Draw(digit_map)
-    font = ImageFont.load_default(size=font_size)
+    font = _font(font_size)
     pairs = rng.sample([(s, c) for s in SHAPES for c in COLORS], rng.randint(*n_objects))
     placed: list[tuple[int, int, int, int]] = []
     objects: list[ShapeObject] = []
