@@ -1,6 +1,7 @@
 """How long the training recipe takes on this machine, estimated stage by stage.
 
     python bench/train_time.py [--config df_agent/train/configs/shipped.yaml] [--steps 75] [--warmup 25]
+                               [--stages look,look4]
 
 Each stage of the config runs alone for `--steps` optimizer steps from a fresh model, through the
 trainer itself (data worker, checkpoints, history), in a temporary folder. A step costs the same
@@ -40,12 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--steps", type=int, default=75, help="steps run per stage")
     parser.add_argument("--warmup", type=int, default=25, help="steps left out of the timing")
+    parser.add_argument("--stages", default=None, help="time only these stages (comma-separated names)")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
     cfg = load_config(args.config)
+    chosen = cfg.stages
+    if args.stages:
+        names = args.stages.split(",")
+        unknown = sorted(set(names) - {stage.name for stage in cfg.stages})
+        if unknown:
+            parser.error(f"no stage named {', '.join(unknown)} in {args.config}")
+        chosen = [stage for stage in cfg.stages if stage.name in names]
     stages = {}
-    for stage in cfg.stages:
+    for stage in chosen:
         single = cfg.model_copy(update={"stages": [stage]})
         with tempfile.TemporaryDirectory() as out:
             started = time.perf_counter()
@@ -58,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     total = sum(s["steps"] * s["seconds_per_step"] for s in stages.values())
-    print(f"estimated recipe time: {total / 60:.1f} min (start-ups and checkpoints not included)")
+    what = "these stages" if args.stages else "the recipe"
+    print(f"estimated time of {what}: {total / 60:.1f} min (start-ups and checkpoints not included)")
     print(
         json.dumps(
             {

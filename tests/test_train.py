@@ -103,6 +103,7 @@ def test_short_run_writes_checkpoint_that_resumes(tmp_path):
                 warmup=1,
                 n_objects=(3, 4),
                 vision_aux_scenes=1,
+                length_groups=2,
                 train=["vision_tower", "projector", "language_model"],
                 aux_attention=AuxAttention(
                     layer=1, heads=[0], word_layer=0, word_queries="image", probe_layer=1
@@ -208,3 +209,41 @@ def test_train_time_bench_times_every_stage(tmp_path, capsys):
     history.write_text('{"step": 25, "time": 1.0}\n')
     with pytest.raises(ValueError, match="too few steps"):
         bench.steady_seconds_per_step(history, 25)
+
+
+def test_length_groups_cut_sorted_rows_at_the_largest_jumps():
+    from df_agent.train.lm import length_groups
+
+    lengths = torch.tensor([5, 100, 6, 98, 50])
+    assert [g.tolist() for g in length_groups(lengths, 1)] == [[0, 1, 2, 3, 4]]
+    assert [g.tolist() for g in length_groups(lengths, 2)] == [[0, 2, 4], [3, 1]]
+    assert [g.tolist() for g in length_groups(lengths, 3)] == [[0, 2], [4], [3, 1]]
+    assert [g.tolist() for g in length_groups(torch.tensor([7, 7, 7]), 2)] == [[0, 1, 2]]
+
+
+def test_length_groups_give_the_losses_and_gradients_of_one_pass(processor):
+    """Rows run in groups of similar length: every loss is still its mean over the whole batch."""
+    from df_agent.train.lm import lm_loss
+
+    model = build_model(processor.tokenizer, TINY)
+    model.set_attn_implementation("eager")
+    aux = AuxAttention(layer=1, word_layer=0, word_queries="image", probe_layer=1)
+    stage = StageConfig(name="s", steps=1, batch_size=8, aux_attention=aux)
+    batch = lm_batch(TrainConfig(stages=[stage]), stage, processor, 0)
+    assert batch["image_counts"].tolist().count(2) and batch["image_counts"].tolist().count(1)  # micro + not
+    probe = torch.nn.Linear(TINY["text_hidden"], 1)
+    results = []
+    for groups in (1, 3):
+        model.zero_grad(), probe.zero_grad()
+        loss, parts = lm_loss(model, batch, stage.model_copy(update={"length_groups": groups}), probe)
+        loss.backward()
+        grads = [p.grad.clone() for p in [*model.parameters(), *probe.parameters()] if p.grad is not None]
+        results.append((loss.detach(), parts, grads))
+    (one, parts_one, grads_one), (grouped, parts_grouped, grads_grouped) = results
+    assert torch.allclose(one, grouped, rtol=1e-5)
+    assert parts_one.keys() == parts_grouped.keys() >= {"attn", "words", "probe", "macro", "region", "micro"}
+    for key in parts_one:
+        assert torch.allclose(parts_one[key], parts_grouped[key], rtol=1e-4, atol=1e-6), key
+    assert len(grads_one) == len(grads_grouped)
+    for a, b in zip(grads_one, grads_grouped, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)

@@ -82,6 +82,14 @@ class StageConfig(BaseModel):
         default=0, description="LM stages: scenes per step of per-patch vision labels."
     )
     digit_weight: float = Field(default=2.0, description="Vision stages: weight of the per-patch digit loss.")
+    length_groups: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "LM stages: run each batch as up to this many forward passes of rows of similar length "
+            "(less padding: macro and box rows are half as long as micro rows); the same losses."
+        ),
+    )
 
 
 class TrainConfig(BaseModel):

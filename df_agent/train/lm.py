@@ -160,6 +160,7 @@ def collate(
         "labels": labels,
         "key_targets": key_targets,
         "task": torch.tensor([TASKS.index(ex.task) for ex in examples]),
+        "image_counts": torch.tensor([len(e["pixel_values"]) for e in encoded]),
     }
 
 
@@ -231,7 +232,72 @@ def lm_batch(cfg: TrainConfig, stage: StageConfig, processor, step: int, config=
 
 
 def lm_loss(model, batch: dict, stage: StageConfig, probe=None) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy on the reply tokens, plus the optional attention and probe supervision."""
+    """Cross-entropy on the reply tokens, plus the optional attention and probe supervision.
+
+    With ``stage.length_groups`` > 1 the rows go through the model in groups of similar length
+    (less padding, see `length_groups`); each loss is still its mean over the whole batch.
+    """
+    aux = stage.aux_attention
+    groups = length_groups(batch["attention_mask"].sum(1), stage.length_groups)
+    if len(groups) == 1:
+        results = [(groups[0], *_loss_terms(model, batch, stage, probe))]
+    else:
+        results = [(rows, *_loss_terms(model, _rows(batch, rows), stage, probe)) for rows in groups]
+    weights = {"attn": aux.weight, "words": aux.weight, "probe": aux.probe_weight} if aux else {}
+    loss, parts = None, {}
+    for name in ("tokens", "attn", "words", "probe"):
+        found = [terms[name] for _, terms, _ in results if name in terms]
+        if not found:
+            continue
+        if len(found) == 1:
+            term = found[0][0]
+        else:  # the mean over the whole batch, from each group's mean and count
+            term = sum(mean * count for mean, count in found) / sum(count for _, count in found)
+        if name == "tokens":
+            loss = term
+        else:
+            loss = loss + weights[name] * term
+            parts[name] = term.detach()
+    per_row = torch.zeros(batch["task"].shape[0])
+    for rows, _, row_losses in results:
+        per_row[rows] = row_losses
+    for index, task in enumerate(TASKS):
+        rows = batch["task"] == index
+        if rows.any():
+            parts[task] = per_row[rows].mean()
+    return loss, parts
+
+
+def length_groups(lengths: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Row indices in at most `n` groups of similar length: the rows sorted by length, cut at the
+    n - 1 largest jumps. One group keeps the batch's own order."""
+    if n <= 1 or lengths.shape[0] < 2:
+        return [torch.arange(lengths.shape[0])]
+    order = lengths.argsort(stable=True)
+    jumps = lengths[order].diff()
+    cuts = sorted(int(i) + 1 for i in jumps.argsort(descending=True, stable=True)[: n - 1] if jumps[i] > 0)
+    return [group for group in order.tensor_split(cuts) if group.numel()]
+
+
+def _rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The batch cut to `rows`, and to their longest length; their images with them."""
+    length = int(batch["attention_mask"][rows].sum(1).max())
+    starts = batch["image_counts"].cumsum(0) - batch["image_counts"]
+    images = torch.cat(
+        [torch.arange(int(starts[r]), int(starts[r] + batch["image_counts"][r])) for r in rows.tolist()]
+    )
+    part = {k: v[rows, :length] for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2}
+    part.update(
+        task=batch["task"][rows],
+        image_counts=batch["image_counts"][rows],
+        pixel_values=batch["pixel_values"][images],
+    )
+    return part
+
+
+def _loss_terms(model, batch: dict, stage: StageConfig, probe=None) -> tuple[dict, torch.Tensor]:
+    """Each loss of one forward pass as (its mean, how many terms it averages), and each row's
+    mean reply-token loss (for the log)."""
     aux = stage.aux_attention
     out = model(
         input_ids=batch["input_ids"],
@@ -246,50 +312,44 @@ def lm_loss(model, batch: dict, stage: StageConfig, probe=None) -> tuple[torch.T
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(labels.shape)
     valid = labels != -100
-    loss = token_loss.sum() / valid.sum().clamp(min=1)
-    parts = {}
+    n_valid = valid.sum()
+    terms = {"tokens": (token_loss.sum() / n_valid.clamp(min=1), int(n_valid))}
     with torch.no_grad():
         per_row = (token_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
-        for index, task in enumerate(TASKS):
-            rows = batch["task"] == index
-            if rows.any():
-                parts[task] = per_row[rows].mean()
     if aux is not None and aux.weight > 0:
         replies = torch.zeros_like(batch["labels"], dtype=torch.bool)
         replies[:, :-1] = valid  # position t predicts token t + 1
         keys = batch["key_targets"]
         if keys.any():
-            attn_loss = _attention_nll(out.attentions[aux.layer][:, aux.heads], replies, keys)
-            loss = loss + aux.weight * attn_loss
-            parts["attn"] = attn_loss.detach()
+            terms["attn"] = _attention_nll(out.attentions[aux.layer][:, aux.heads], replies, keys)
         words = batch["word_targets"]
         if aux.word_layer is not None and words.any():
             if aux.word_queries == "image":
                 queries = batch["image_positions"] & _after_first_word(words)
             else:
                 queries = replies
-            word_loss = _attention_nll(out.attentions[aux.word_layer][:, aux.word_heads], queries, words)
-            loss = loss + aux.weight * word_loss
-            parts["words"] = word_loss.detach()
+            terms["words"] = _attention_nll(out.attentions[aux.word_layer][:, aux.word_heads], queries, words)
     if probe is not None:
         patches = batch["image_positions"]
         logits = probe(out.hidden_states[aux.probe_layer][patches]).squeeze(-1)
         target = batch["key_targets"][patches].float()
-        probe_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-        loss = loss + aux.probe_weight * probe_loss
-        parts["probe"] = probe_loss.detach()
-    return loss, parts
+        terms["probe"] = (
+            torch.nn.functional.binary_cross_entropy_with_logits(logits, target),
+            int(target.numel()),
+        )
+    return terms, per_row
 
 
-def _attention_nll(attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Mean -log(attention mass on `keys`) over the `queries` of rows that have keys.
+def _attention_nll(attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean -log(attention mass on `keys`) over the `queries` of rows that have keys, and how many.
 
     attn: (B, H, T, T); queries, keys: (B, T) booleans.
     """
     mass = (attn * keys[:, None, None, :].to(attn.dtype)).sum(-1)  # (B, H, T)
     nll = -torch.log(mass + 1e-6)
     selected = (queries & keys.any(1)[:, None])[:, None, :].expand_as(nll)
-    return nll[selected].mean()
+    chosen = nll[selected]
+    return chosen.mean(), chosen.numel()
 
 
 def _after_first_word(words: torch.Tensor) -> torch.Tensor:
@@ -303,6 +363,7 @@ __all__ = [
     "Example",
     "collate",
     "encode_example",
+    "length_groups",
     "lm_batch",
     "lm_loss",
     "make_example",
