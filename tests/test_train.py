@@ -247,3 +247,24 @@ def test_length_groups_give_the_losses_and_gradients_of_one_pass(processor):
     assert len(grads_one) == len(grads_grouped)
     for a, b in zip(grads_one, grads_grouped, strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_vote_wording_trains_micro_turns_in_the_official_votes_context(processor):
+    """The official vote scores answers in the micro turn with the short-answer hint added."""
+    from df_agent.prompt_sets import load_prompts
+
+    hint = load_prompts("dualfocus").score.split("{question}")[1].strip()
+    stage = StageConfig(name="s", steps=1, batch_size=8, tasks={"micro": 1.0, "macro": 1.0})
+    texts = {}
+    for share in (0.0, 1.0):
+        varied = stage.model_copy(update={"vote_wording": share})
+        batch = lm_batch(TrainConfig(stages=[varied]), varied, processor, 0)
+        texts[share] = [
+            (task, processor.tokenizer.decode(ids[ids != processor.tokenizer.pad_token_id]))
+            for task, ids in zip(batch["task"].tolist(), batch["input_ids"], strict=True)
+        ]
+    micro = 2  # TASKS index
+    assert any(task == micro for task, _ in texts[1.0]) and any(task != micro for task, _ in texts[1.0])
+    for task, text in texts[1.0]:
+        assert (hint in text) == (task == micro), text
+    assert not any(hint in text for _, text in texts[0.0])

@@ -82,6 +82,15 @@ class StageConfig(BaseModel):
         default=0, description="LM stages: scenes per step of per-patch vision labels."
     )
     digit_weight: float = Field(default=2.0, description="Vision stages: weight of the per-patch digit loss.")
+    vote_wording: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "LM stages: the share of micro examples worded as the official vote scores them (the "
+            "question with the short-answer hint), so the vote's context is one the model has seen."
+        ),
+    )
     length_groups: int = Field(
         default=1,
         ge=1,

@@ -23,11 +23,13 @@ from PIL import Image
 
 from df_agent.backends.base import Conversation
 from df_agent.data.format import FocusRecord
+from df_agent.prompt_sets import load_prompts
 from df_agent.train.config import StageConfig, TrainConfig
 from df_agent.train.vision import crop_region, jitter_box
 
 BOX_REQUEST = "Please provide the bounding box coordinate of the region this question asks: {question}"
 COMBINE_REQUEST = "Please combine the information from these two images and answer this question: {question}"
+VOTE_REQUEST = load_prompts("dualfocus").score  # the micro turn as the official vote words it
 TASKS = ("macro", "region", "micro")
 
 
@@ -55,11 +57,13 @@ def make_example(
     rng: random.Random,
     jitter: float,
     answer_box: tuple[float, float, float, float] | None = None,
+    micro_request: str = COMBINE_REQUEST,
 ) -> Example:
     """The conversation of one DualFocus task for a record.
 
     `answer_box` (pixels), if given, is where the answer is read in the crop (a digit's
     glyph rather than the whole object): the micro reply's attention target there.
+    `micro_request` words the micro turn (`VOTE_REQUEST`: as the official vote scores it).
     """
     size = (record.width, record.height)
     whole = tuple(record.box) == (0.0, 0.0, float(record.width), float(record.height))
@@ -78,7 +82,7 @@ def make_example(
         x1, y1, _, _ = region
         crop_target = (read[0] - x1, read[1] - y1, read[2] - x1, read[3] - y1)
     conv = region_turn.assistant(_box_text(box, size)).user(
-        COMBINE_REQUEST.format(question=record.question), [crop]
+        micro_request.format(question=record.question), [crop]
     )
     return Example(task, conv, record.answer, [target, crop_target])
 
@@ -212,7 +216,9 @@ def lm_batch(cfg: TrainConfig, stage: StageConfig, processor, step: int, config=
             image = Image.open(Path(cfg.data).parent / record.image).convert("RGB")
         task = rng.choices(tasks, task_weights)[0]
         answer_box = named.digit_box if stage.attend_digit and named and record.qtype == "detail" else None
-        example = make_example(record, image, task, rng, stage.box_jitter, answer_box)
+        vote_worded = task == "micro" and stage.vote_wording > 0 and rng.random() < stage.vote_wording
+        request = VOTE_REQUEST if vote_worded else COMBINE_REQUEST
+        example = make_example(record, image, task, rng, stage.box_jitter, answer_box, request)
         if record.qtype == "exist" and named is not None:
             example.targets[0] = named.box  # attend to the object whose existence is asked
         examples.append(example)
@@ -360,6 +366,7 @@ def _after_first_word(words: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "BOX_REQUEST",
     "COMBINE_REQUEST",
+    "VOTE_REQUEST",
     "Example",
     "collate",
     "encode_example",
