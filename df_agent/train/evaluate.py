@@ -19,10 +19,8 @@ import torch
 
 from df_agent.backends.base import Conversation
 from df_agent.data.focusshapes import generate
-from df_agent.train.lm import BOX_REQUEST, COMBINE_REQUEST
+from df_agent.train.lm import BOX_REQUEST, COMBINE_REQUEST, VOTE_REQUEST
 from df_agent.train.vision import crop_region
-
-SCORE_HINT = "\nAnswer the question using a single word or phrase"
 
 
 def parse_box(text: str, size) -> tuple[float, float, float, float] | None:
@@ -151,7 +149,7 @@ def evaluate(model, processor, n_scenes: int = 300, seed: int = 987654, batch_si
         r = recs[i]
         base = own_convs[i]
         ctx = Conversation(base.turns[:-1]).user(
-            COMBINE_REQUEST.format(question=r.question) + SCORE_HINT, base.turns[-1].images
+            VOTE_REQUEST.format(question=r.question), base.turns[-1].images
         )
         score_convs += [ctx, ctx]
         score_replies += [macro[i], micro_own[i]]

@@ -27,8 +27,9 @@ from df_agent.prompt_sets import load_prompts
 from df_agent.train.config import StageConfig, TrainConfig
 from df_agent.train.vision import crop_region, jitter_box
 
-BOX_REQUEST = "Please provide the bounding box coordinate of the region this question asks: {question}"
-COMBINE_REQUEST = "Please combine the information from these two images and answer this question: {question}"
+# The engine's own DualFocus wordings (prompts/dualfocus/), so training and inference cannot drift apart.
+BOX_REQUEST = load_prompts("dualfocus").locate
+COMBINE_REQUEST = load_prompts("dualfocus").micro
 VOTE_REQUEST = load_prompts("dualfocus").score  # the micro turn as the official vote words it
 TASKS = ("macro", "region", "micro")
 
