@@ -221,6 +221,40 @@ def test_length_groups_cut_sorted_rows_at_the_largest_jumps():
     assert [g.tolist() for g in length_groups(torch.tensor([7, 7, 7]), 2)] == [[0, 1, 2]]
 
 
+def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path, processor):
+    from df_agent.train.lm import lm_loss
+    from df_agent.train.trainer import train
+
+    model = build_model(processor.tokenizer, TINY)
+    model.set_attn_implementation("eager")
+    aux = AuxAttention(layer=1, word_layer=0, word_queries="image", probe_layer=1)
+    stage = StageConfig(name="s", steps=1, batch_size=4, aux_attention=aux)
+    batch = lm_batch(TrainConfig(stages=[stage]), stage, processor, 0)
+    probe = torch.nn.Linear(TINY["text_hidden"], 1)
+    full, full_parts = lm_loss(model, batch, stage, probe)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half, half_parts = lm_loss(model, batch, stage, probe)
+    assert half.dtype == torch.float32 and half != full  # a float32 loss from bfloat16 products
+    for key in ("attn", "words", "probe"):
+        assert torch.isclose(half_parts[key], full_parts[key], rtol=0.05), key
+
+    cfg = TrainConfig(
+        model=TINY,
+        num_workers=0,
+        precision="bf16",
+        stages=[
+            StageConfig(name="vision", kind="vision", steps=1, batch_size=2, warmup=1),
+            stage.model_copy(update={"steps": 2, "warmup": 1, "vision_aux_scenes": 1}),
+        ],
+    )
+    final = train(cfg, tmp_path, log=lambda line: None)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert all(tensor.dtype == torch.float32 for tensor in state.values() if tensor.is_floating_point())
+    assert "NaN" not in (tmp_path / "history.jsonl").read_text() and (final / "config.json").exists()
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16", stages=[stage])
+
+
 def test_length_groups_give_the_losses_and_gradients_of_one_pass(processor):
     """Rows run in groups of similar length: every loss is still its mean over the whole batch."""
     from df_agent.train.lm import lm_loss

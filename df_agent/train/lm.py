@@ -102,12 +102,8 @@ _BACKENDS: dict[int, object] = {}
 
 def encode_example(processor, config, example: Example) -> dict:
     """Input ids, pixel values and labels (reply + end-of-turn tokens) of one example."""
-    try:
-        from df_agent.backends.hf import HFBackend, encode_for_training
-    except ImportError:  # pragma: no cover - the engine's backend is part of the package
-        from df_agent.train.encode import encode_for_training_with_processor
+    from df_agent.backends.hf import HFBackend, encode_for_training
 
-        return encode_for_training_with_processor(processor, example.conversation, example.reply)
     backend = _BACKENDS.get(id(processor))
     if backend is None:
         backend = HFBackend(_EncodeOnly(config), processor, model_id="training")
@@ -352,6 +348,7 @@ def _attention_nll(attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor
 
     attn: (B, H, T, T); queries, keys: (B, T) booleans.
     """
+    attn = attn.float()  # bfloat16 under autocast: the mass and its log in float32
     mass = (attn * keys[:, None, None, :].to(attn.dtype)).sum(-1)  # (B, H, T)
     nll = -torch.log(mass + 1e-6)
     selected = (queries & keys.any(1)[:, None])[:, None, :].expand_as(nll)

@@ -200,15 +200,16 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
     for step, batch in zip(range(first, last), loader, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = _lr(stage, step) * group["lr_scale"]
-        if stage.kind == "vision":
-            loss, parts = heads(patch_features(model, batch["pixel_values"]), batch["labels"])
-        else:
-            loss, parts = lm_loss(model, batch, stage, probe)
-            if heads is not None:
-                vision = batch["vision"]
-                vloss, vparts = heads(patch_features(model, vision["pixel_values"]), vision["labels"])
-                loss = loss + vloss
-                parts["digit_acc"] = vparts["digit_acc"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            if stage.kind == "vision":
+                loss, parts = heads(patch_features(model, batch["pixel_values"]), batch["labels"])
+            else:
+                loss, parts = lm_loss(model, batch, stage, probe)
+                if heads is not None:
+                    vision = batch["vision"]
+                    vloss, vparts = heads(patch_features(model, vision["pixel_values"]), vision["labels"])
+                    loss = loss + vloss
+                    parts["digit_acc"] = vparts["digit_acc"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
