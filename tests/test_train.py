@@ -221,6 +221,19 @@ def test_length_groups_cut_sorted_rows_at_the_largest_jumps():
     assert [g.tolist() for g in length_groups(torch.tensor([7, 7, 7]), 2)] == [[0, 1, 2]]
 
 
+@pytest.mark.parametrize("name", ["shipped.yaml", "bf16.yaml"])
+def test_packaged_configs_validate_and_build_the_shipped_architecture(name):
+    from pathlib import Path
+
+    from df_agent.train.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "df_agent" / "train" / "configs" / name)
+    names = [stage.name for stage in cfg.stages]
+    assert len(names) == len(set(names))  # batches are seeded by stage name
+    assert [s.kind for s in cfg.stages[:2]] == ["vision", "vision"] and cfg.init == "scratch"
+    assert cfg.model["text_hidden"] == 192 and all(s.steps > 0 for s in cfg.stages)
+
+
 def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path, processor):
     from df_agent.train.lm import lm_loss
     from df_agent.train.trainer import train
