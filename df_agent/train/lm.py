@@ -242,10 +242,10 @@ def lm_loss(model, batch: dict, stage: StageConfig, probe=None) -> tuple[torch.T
     """
     aux = stage.aux_attention
     groups = length_groups(batch["attention_mask"].sum(1), stage.length_groups)
-    if len(groups) == 1:
-        results = [(groups[0], *_loss_terms(model, batch, stage, probe))]
-    else:
-        results = [(rows, *_loss_terms(model, _rows(batch, rows), stage, probe)) for rows in groups]
+    whole = len(groups) == 1  # the batch as it is: no copy
+    results = [
+        (rows, *_loss_terms(model, batch if whole else _rows(batch, rows), stage, probe)) for rows in groups
+    ]
     weights = {"attn": aux.weight, "words": aux.weight, "probe": aux.probe_weight} if aux else {}
     loss, parts = None, {}
     for name in ("tokens", "attn", "words", "probe"):
