@@ -82,6 +82,10 @@ class StageConfig(BaseModel):
         default=0, description="LM stages: scenes per step of per-patch vision labels."
     )
     digit_weight: float = Field(default=2.0, description="Vision stages: weight of the per-patch digit loss.")
+    shape_weight: float = Field(
+        default=1.0,
+        description="Vision stages and LM stages' vision labels: weight of the per-patch shape loss.",
+    )
     vote_wording: float = Field(
         default=0.0,
         ge=0.0,

@@ -89,9 +89,10 @@ def patch_labels(scene: Scene, region: tuple[int, int, int, int], grid: int, wit
 class VisionHeads(nn.Module):
     """Linear read-outs of per-patch features; used only during the vision stage."""
 
-    def __init__(self, dim: int, digit_weight: float = 2.0):
+    def __init__(self, dim: int, digit_weight: float = 2.0, shape_weight: float = 1.0):
         super().__init__()
         self.digit_weight = digit_weight
+        self.shape_weight = shape_weight
         self.color = nn.Linear(dim, len(COLORS) + 1)
         self.shape = nn.Linear(dim, len(SHAPES) + 1)
         self.digit = nn.Linear(dim, N_DIGIT)
@@ -119,7 +120,11 @@ class VisionHeads(nn.Module):
             else feats.sum() * 0
         )
         total = (
-            out["color"] + out["shape"] + self.digit_weight * out["digit"] + out["box"] + 0.5 * out["count"]
+            out["color"]
+            + self.shape_weight * out["shape"]
+            + self.digit_weight * out["digit"]
+            + out["box"]
+            + 0.5 * out["count"]
         )
         with torch.no_grad():
             sel = digit_labels != N_DIGIT - 1
