@@ -315,3 +315,20 @@ def test_vote_wording_trains_micro_turns_in_the_official_votes_context(processor
     for task, text in texts[1.0]:
         assert (hint in text) == (task == micro), text
     assert not any(hint in text for _, text in texts[0.0])
+
+
+def test_shape_weight_scales_only_the_per_patch_shape_loss(processor):
+    from df_agent.train.vision import VisionHeads, patch_features, vision_batch
+
+    model = build_model(processor.tokenizer, TINY)
+    batch = vision_batch("shape-weight", 2, processor)
+    with torch.no_grad():
+        feats = patch_features(model, batch["pixel_values"])
+    torch.manual_seed(0)
+    plain = VisionHeads(feats.shape[-1])
+    torch.manual_seed(0)
+    heavy = VisionHeads(feats.shape[-1], shape_weight=4.0)
+    (total, parts), (heavy_total, heavy_parts) = plain(feats, batch["labels"]), heavy(feats, batch["labels"])
+    assert torch.equal(parts["shape"], heavy_parts["shape"]) and parts["shape"] > 0
+    assert torch.allclose(heavy_total - total, 3 * parts["shape"])
+    assert StageConfig(name="s", steps=1).shape_weight == 1.0
