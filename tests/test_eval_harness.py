@@ -199,6 +199,38 @@ def test_focusshapes_report_has_the_issue_keys(tmp_path: Path) -> None:
     assert rows[0].image == "images/11-00000.png"
 
 
+def test_focusshapes_lookalikes_say_which_object_the_model_took_for_the_one_asked(tmp_path: Path) -> None:
+    from df_agent.data.focusshapes import generate
+
+    backend = ScriptedBackend(macro="3", box="[0.10,0.10,0.40,0.40]", micro="yes", scores={"3": 2.0})
+    report = evaluate(DualFocus(backend), focusshapes.benchmark(11, 20), tmp_path / "fs.json", progress=False)
+    found = report["lookalikes"]
+    assert sum(found["detail_box_on"].values()) == 20
+    # "3" or "yes" on every question: wrong on all ten absent objects, never a colour in the scene
+    assert sum(group["n"] for group in found["exist_no"].values()) == 10
+    assert all(group["dualfocus"] == 0.0 for group in found["exist_no"].values())
+    assert set(found["color_answer"]) == {"no_object"}
+
+    scenes, records = generate(11, 20)
+    scene_of = {f"images/{scene.id}.png": scene for scene in scenes}
+    record_of = {record.id: record for record in records}
+    rows, _ = read_rows(tmp_path / "fs.rows.jsonl")
+
+    def named(row):
+        return next(o for o in scene_of[row.image].objects if f"the {o.name}?" in record_of[row.id].question)
+
+    def twins(row):
+        return [o for o in scene_of[row.image].objects if o.color == named(row).color and o is not named(row)]
+
+    row = next(r for r in rows if r.category == "detail" and twins(r))
+    boxes = [Box(x1=o.box[0], y1=o.box[1], x2=o.box[2], y2=o.box[3]) for o in (named(row), twins(row)[0])]
+    boxes += [Box(x1=0, y1=0, x2=2, y2=2), None]
+    cases = [row.model_copy(update={"result": row.result.model_copy(update={"box": box})}) for box in boxes]
+    assert focusshapes.lookalikes(cases, scene_of, record_of)["detail_box_on"] == {
+        "target": 1, "same_color": 1, "background": 1, "no_box": 1
+    }  # fmt: skip
+
+
 def test_jsonl_benchmark_reads_relative_images_options_and_boxes(tmp_path: Path, picture) -> None:
     picture.save(tmp_path / "p.png")
     lines = [

@@ -154,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("box_parse_failure_rate", "mean_iou_detail", "seconds_per_question"):
         if name in report:
             print(f"{name}: {report[name]:.4f}")
+    if "lookalikes" in report:
+        print(f"lookalikes: {json.dumps(report['lookalikes'])}")
     files = report["files"]
     print(f"wrote {files['json']}, {files['rows']} and {files['plot']}", file=sys.stderr)
     return 0

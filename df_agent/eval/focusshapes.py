@@ -7,16 +7,20 @@ macro-only, micro-only and DualFocus accuracy, the best-of-two oracle, how often
 path, the accuracy of every arbitration method of the engine on the same generations
 (``"arbitration": {"official", "own_context", "average"}``), the box failure rate and mean IoU; and at
 the top level ``box_parse_failure_rate`` and ``mean_iou_detail`` (IoU of the predicted box with the
-asked-about object on detail questions; an unreadable box counts 0).
+asked-about object on detail questions; an unreadable box counts 0), and ``lookalikes``: which object
+the errors mistook for the one asked about (see `lookalikes`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from df_agent.boxes import Box
-from df_agent.data.focusshapes import generate
+from df_agent.data.focusshapes import Scene, ShapeObject, generate
+from df_agent.data.format import FocusRecord
 from df_agent.eval.harness import Benchmark, ResultRow
 from df_agent.eval.items import EvalItem, exact_match
 
@@ -31,9 +35,16 @@ def items(seed: int, n: int, **render_options: Any) -> list[EvalItem]:
         n: How many scenes.
         **render_options: Passed to the scene renderer (size, n_objects, ...).
     """
+    return _items(*_generate(seed, n, **render_options))
+
+
+def _generate(seed: int, n: int, **render_options: Any) -> tuple[list[Scene], list[FocusRecord]]:
     if n < 1:
         raise ValueError(f"n must be >= 1 scene, got {n}")
-    scenes, records = generate(seed, n, **render_options)
+    return generate(seed, n, **render_options)
+
+
+def _items(scenes: list[Scene], records: list[FocusRecord]) -> list[EvalItem]:
     images = {f"images/{scene.id}.png": scene.image for scene in scenes}
     return [
         EvalItem(
@@ -49,21 +60,91 @@ def items(seed: int, n: int, **render_options: Any) -> list[EvalItem]:
     ]
 
 
-def _summary(rows: Sequence[ResultRow]) -> dict[str, Any]:
+def _box(obj: ShapeObject) -> Box:
+    return Box(x1=obj.box[0], y1=obj.box[1], x2=obj.box[2], y2=obj.box[3])
+
+
+def _asked(question: str) -> tuple[str, str]:
+    """The (colour, shape) an existence question names: "Is there a green square?"."""
+    color, shape = question.rstrip("?").split()[-2:]
+    return color, shape
+
+
+def lookalikes(rows: Sequence[ResultRow], scenes: dict[str, Scene], records: dict[str, FocusRecord]) -> dict:
+    """Which object the model took for the one asked about.
+
+    - ``detail_box_on``: where each detail question's box landed: on the ``target``, on another object of
+      the ``same_color`` or the ``same_shape``, on an ``other_object``, on the ``background`` (IoU < 0.1
+      with every object) or ``no_box`` (unreadable).
+    - ``exist_no``: DualFocus accuracy on the questions whose answer is "no", by what the scene has that
+      looks like the object named: an object of the ``same_color``, of the ``same_shape``, ``both`` or
+      ``neither``.
+    - ``color_answer``: on "What color is the <shape>?", whether the DualFocus answer is the colour of
+      the ``asked`` object, of ``another_object`` or of ``no_object`` in the scene.
+    """
+    box_on: Counter[str] = Counter()
+    exist_no: dict[str, list[float]] = {}
+    color_answer: Counter[str] = Counter()
+    for row in rows:
+        scene, record = scenes[row.image], records[row.id]
+        if row.category == "detail":
+            target = next(o for o in scene.objects if f"the {o.name}?" in record.question)
+            box = row.result.box
+            if box is None:
+                box_on["no_box"] += 1
+                continue
+            overlap, hit = max(((box.iou(_box(o)), o) for o in scene.objects), key=lambda pair: pair[0])
+            box_on[
+                "background" if overlap < 0.1 else "target" if hit is target else
+                "same_color" if hit.color == target.color else
+                "same_shape" if hit.shape == target.shape else "other_object"
+            ] += 1  # fmt: skip
+        elif row.category == "exist" and record.answer == "no":
+            color, shape = _asked(record.question)
+            same_color = any(o.color == color for o in scene.objects)
+            same_shape = any(o.shape == shape for o in scene.objects)
+            kind = {(True, True): "both", (True, False): "same_color", (False, True): "same_shape"}
+            exist_no.setdefault(kind.get((same_color, same_shape), "neither"), []).append(
+                row.correct["dualfocus"]
+            )
+        elif row.category == "global" and record.question.startswith("What color"):
+            answer = row.predictions["dualfocus"].strip().lower()
+            owners = [o for o in scene.objects if o.color == answer]
+            color_answer[
+                "asked" if answer == record.answer else "another_object" if owners else "no_object"
+            ] += 1
+    return {
+        "detail_box_on": dict(box_on),
+        "exist_no": {k: {"n": len(v), "dualfocus": sum(v) / len(v)} for k, v in sorted(exist_no.items())},
+        "color_answer": dict(color_answer),
+    }
+
+
+def _summary(
+    rows: Sequence[ResultRow], scenes: dict[str, Scene], records: dict[str, FocusRecord]
+) -> dict[str, Any]:
     detail = [row.iou for row in rows if row.category == "detail" and row.iou is not None]
-    return {"mean_iou_detail": sum(detail) / len(detail) if detail else 0.0}
+    return {
+        "mean_iou_detail": sum(detail) / len(detail) if detail else 0.0,
+        "lookalikes": lookalikes(rows, scenes, records),
+    }
 
 
 def benchmark(seed: int, n: int, **render_options: Any) -> Benchmark:
     """The FocusShapes benchmark of `n` scenes from `seed`, comparing every arbitration method."""
+    scenes, records = _generate(seed, n, **render_options)
     return Benchmark(
         name="focusshapes",
-        items=items(seed, n, **render_options),
+        items=_items(scenes, records),
         judge=exact_match,
         compare_arbitration=True,
-        summarize=_summary,
+        summarize=partial(
+            _summary,
+            scenes={f"images/{scene.id}.png": scene for scene in scenes},
+            records={record.id: record for record in records},
+        ),
         settings={"seed": seed, "scenes": n, **render_options},
     )
 
 
-__all__ = ["QUESTION_TYPES", "benchmark", "items"]
+__all__ = ["QUESTION_TYPES", "benchmark", "items", "lookalikes"]
