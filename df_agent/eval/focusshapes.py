@@ -19,10 +19,10 @@ from functools import partial
 from typing import Any
 
 from df_agent.boxes import Box
-from df_agent.data.focusshapes import Scene, ShapeObject, generate
+from df_agent.data.focusshapes import Scene, generate
 from df_agent.data.format import FocusRecord
 from df_agent.eval.harness import Benchmark, ResultRow
-from df_agent.eval.items import EvalItem, exact_match
+from df_agent.eval.items import EvalItem, exact_match, normalize_answer
 
 QUESTION_TYPES = ("detail", "global", "exist")
 
@@ -54,14 +54,15 @@ def _items(scenes: list[Scene], records: list[FocusRecord]) -> list[EvalItem]:
             question=record.question,
             answers=[record.answer],
             category=record.qtype,
-            target_box=Box(x1=record.box[0], y1=record.box[1], x2=record.box[2], y2=record.box[3]),
+            target_box=_box(record.box),
         )
         for record in records
     ]
 
 
-def _box(obj: ShapeObject) -> Box:
-    return Box(x1=obj.box[0], y1=obj.box[1], x2=obj.box[2], y2=obj.box[3])
+def _box(xyxy: Sequence[float]) -> Box:
+    x1, y1, x2, y2 = xyxy
+    return Box(x1=x1, y1=y1, x2=x2, y2=y2)
 
 
 def _asked(question: str) -> tuple[str, str]:
@@ -93,7 +94,7 @@ def lookalikes(rows: Sequence[ResultRow], scenes: dict[str, Scene], records: dic
             if box is None:
                 box_on["no_box"] += 1
                 continue
-            overlap, hit = max(((box.iou(_box(o)), o) for o in scene.objects), key=lambda pair: pair[0])
+            overlap, hit = max(((box.iou(_box(o.box)), o) for o in scene.objects), key=lambda pair: pair[0])
             box_on[
                 "background" if overlap < 0.1 else "target" if hit is target else
                 "same_color" if hit.color == target.color else
@@ -108,7 +109,7 @@ def lookalikes(rows: Sequence[ResultRow], scenes: dict[str, Scene], records: dic
                 row.correct["dualfocus"]
             )
         elif row.category == "global" and record.question.startswith("What color"):
-            answer = row.predictions["dualfocus"].strip().lower()
+            answer = normalize_answer(row.predictions["dualfocus"])
             owners = [o for o in scene.objects if o.color == answer]
             color_answer[
                 "asked" if answer == record.answer else "another_object" if owners else "no_object"
