@@ -35,7 +35,7 @@ MODES: tuple[Mode, ...] = ("dualfocus", "macro", "micro", "auto")
 LOCATE_MAX_NEW_TOKENS = 64
 # mode="auto" skips the zoom when the macro answer's own mean NLL is at most this: calibrated for the
 # shipped model on FocusShapes (bench/auto.py, README "Performance"); recalibrate for other models.
-AUTO_THRESHOLD = 2.0
+AUTO_THRESHOLD = 0.44
 
 
 class DualFocus:

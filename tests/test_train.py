@@ -221,7 +221,7 @@ def test_length_groups_cut_sorted_rows_at_the_largest_jumps():
     assert [g.tolist() for g in length_groups(torch.tensor([7, 7, 7]), 2)] == [[0, 1, 2]]
 
 
-@pytest.mark.parametrize("name", ["shipped.yaml", "bf16.yaml"])
+@pytest.mark.parametrize("name", ["shipped.yaml"])
 def test_packaged_configs_validate_and_build_the_shipped_architecture(name):
     from pathlib import Path
 
