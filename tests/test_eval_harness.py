@@ -226,7 +226,7 @@ def test_focusshapes_lookalikes_say_which_object_the_model_took_for_the_one_aske
     boxes = [Box(x1=o.box[0], y1=o.box[1], x2=o.box[2], y2=o.box[3]) for o in (named(row), twins(row)[0])]
     boxes += [Box(x1=0, y1=0, x2=2, y2=2), None]
     cases = [row.model_copy(update={"result": row.result.model_copy(update={"box": box})}) for box in boxes]
-    assert focusshapes.lookalikes(cases, scene_of, record_of)["detail_box_on"] == {
+    assert focusshapes.lookalikes(cases, scene_of)["detail_box_on"] == {
         "target": 1, "same_color": 1, "background": 1, "no_box": 1
     }  # fmt: skip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,13 +222,14 @@ def test_length_groups_cut_sorted_rows_at_the_largest_jumps():
     assert [g.tolist() for g in length_groups(torch.tensor([7, 7, 7]), 2)] == [[0, 1, 2]]
 
 
-@pytest.mark.parametrize("name", ["shipped.yaml"])
-def test_packaged_configs_validate_and_build_the_shipped_architecture(name):
-    from pathlib import Path
+CONFIGS = Path(__file__).resolve().parents[1] / "df_agent" / "train" / "configs"
 
+
+@pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_packaged_configs_validate_and_build_the_shipped_architecture(name):
     from df_agent.train.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "df_agent" / "train" / "configs" / name)
+    cfg = load_config(CONFIGS / name)
     names = [stage.name for stage in cfg.stages]
     assert len(names) == len(set(names))  # batches are seeded by stage name
     assert [s.kind for s in cfg.stages[:2]] == ["vision", "vision"] and cfg.init == "scratch"

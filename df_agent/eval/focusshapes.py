@@ -38,18 +38,19 @@ def items(seed: int, n: int, **render_options: Any) -> list[EvalItem]:
     return _items(*_generate(seed, n, **render_options))
 
 
-def _generate(seed: int, n: int, **render_options: Any) -> tuple[list[Scene], list[FocusRecord]]:
+def _generate(seed: int, n: int, **render_options: Any) -> tuple[dict[str, Scene], list[FocusRecord]]:
+    """The scenes by the image name their records use, and the records."""
     if n < 1:
         raise ValueError(f"n must be >= 1 scene, got {n}")
-    return generate(seed, n, **render_options)
+    scenes, records = generate(seed, n, **render_options)
+    return {f"images/{scene.id}.png": scene for scene in scenes}, records
 
 
-def _items(scenes: list[Scene], records: list[FocusRecord]) -> list[EvalItem]:
-    images = {f"images/{scene.id}.png": scene.image for scene in scenes}
+def _items(scenes: dict[str, Scene], records: list[FocusRecord]) -> list[EvalItem]:
     return [
         EvalItem(
             id=record.id,
-            image=images[record.image],
+            image=scenes[record.image].image,
             image_id=record.image,
             question=record.question,
             answers=[record.answer],
@@ -65,14 +66,23 @@ def _box(xyxy: Sequence[float]) -> Box:
     return Box(x1=x1, y1=y1, x2=x2, y2=y2)
 
 
+# what a scene with an absent object holds that looks like it: (same colour present, same shape present)
+_LOOKALIKE = {
+    (True, True): "both",
+    (True, False): "same_color",
+    (False, True): "same_shape",
+    (False, False): "neither",
+}
+
+
 def _asked(question: str) -> tuple[str, str]:
     """The (colour, shape) an existence question names: "Is there a green square?"."""
     color, shape = question.rstrip("?").split()[-2:]
     return color, shape
 
 
-def lookalikes(rows: Sequence[ResultRow], scenes: dict[str, Scene], records: dict[str, FocusRecord]) -> dict:
-    """Which object the model took for the one asked about.
+def lookalikes(rows: Sequence[ResultRow], scenes: dict[str, Scene]) -> dict:
+    """Which object the model took for the one asked about (`scenes`: by the rows' image names).
 
     - ``detail_box_on``: where each detail question's box landed: on the ``target``, on another object of
       the ``same_color`` or the ``same_shape``, on an ``other_object``, on the ``background`` (IoU < 0.1
@@ -87,9 +97,9 @@ def lookalikes(rows: Sequence[ResultRow], scenes: dict[str, Scene], records: dic
     exist_no: dict[str, list[float]] = {}
     color_answer: Counter[str] = Counter()
     for row in rows:
-        scene, record = scenes[row.image], records[row.id]
+        scene, question = scenes[row.image], row.result.question
         if row.category == "detail":
-            target = next(o for o in scene.objects if f"the {o.name}?" in record.question)
+            target = next(o for o in scene.objects if f"the {o.name}?" in question)
             box = row.result.box
             if box is None:
                 box_on["no_box"] += 1
@@ -100,20 +110,17 @@ def lookalikes(rows: Sequence[ResultRow], scenes: dict[str, Scene], records: dic
                 "same_color" if hit.color == target.color else
                 "same_shape" if hit.shape == target.shape else "other_object"
             ] += 1  # fmt: skip
-        elif row.category == "exist" and record.answer == "no":
-            color, shape = _asked(record.question)
+        elif row.category == "exist" and row.gold == ["no"]:
+            color, shape = _asked(question)
             same_color = any(o.color == color for o in scene.objects)
             same_shape = any(o.shape == shape for o in scene.objects)
-            kind = {(True, True): "both", (True, False): "same_color", (False, True): "same_shape"}
-            exist_no.setdefault(kind.get((same_color, same_shape), "neither"), []).append(
-                row.correct["dualfocus"]
-            )
-        elif row.category == "global" and record.question.startswith("What color"):
+            exist_no.setdefault(_LOOKALIKE[same_color, same_shape], []).append(row.correct["dualfocus"])
+        elif row.category == "global" and question.startswith("What color"):
             answer = normalize_answer(row.predictions["dualfocus"])
-            owners = [o for o in scene.objects if o.color == answer]
             color_answer[
-                "asked" if answer == record.answer else "another_object" if owners else "no_object"
-            ] += 1
+                "asked" if row.correct["dualfocus"] else
+                "another_object" if any(o.color == answer for o in scene.objects) else "no_object"
+            ] += 1  # fmt: skip
     return {
         "detail_box_on": dict(box_on),
         "exist_no": {k: {"n": len(v), "dualfocus": sum(v) / len(v)} for k, v in sorted(exist_no.items())},
@@ -121,13 +128,11 @@ def lookalikes(rows: Sequence[ResultRow], scenes: dict[str, Scene], records: dic
     }
 
 
-def _summary(
-    rows: Sequence[ResultRow], scenes: dict[str, Scene], records: dict[str, FocusRecord]
-) -> dict[str, Any]:
+def _summary(rows: Sequence[ResultRow], scenes: dict[str, Scene]) -> dict[str, Any]:
     detail = [row.iou for row in rows if row.category == "detail" and row.iou is not None]
     return {
         "mean_iou_detail": sum(detail) / len(detail) if detail else 0.0,
-        "lookalikes": lookalikes(rows, scenes, records),
+        "lookalikes": lookalikes(rows, scenes),
     }
 
 
@@ -139,11 +144,7 @@ def benchmark(seed: int, n: int, **render_options: Any) -> Benchmark:
         items=_items(scenes, records),
         judge=exact_match,
         compare_arbitration=True,
-        summarize=partial(
-            _summary,
-            scenes={f"images/{scene.id}.png": scene for scene in scenes},
-            records={record.id: record for record in records},
-        ),
+        summarize=partial(_summary, scenes=scenes),
         settings={"seed": seed, "scenes": n, **render_options},
     )
 

@@ -150,7 +150,7 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
     if stage.kind == "vision":
         from df_agent.train.vision import VisionHeads, patch_features
 
-        heads = VisionHeads(model.config.vision_config.hidden_size, stage.digit_weight, stage.shape_weight)
+        heads = VisionHeads.for_stage(model, stage)
         groups = [
             *_set_trainable(model, ["vision_tower"]),
             {"params": list(heads.parameters()), "lr_scale": 1.0},
@@ -170,8 +170,7 @@ def _run_stage(cfg, index, stage, processor, model, out, first, resumed, history
         if stage.vision_aux_scenes:  # keep the per-patch labels on while the tower trains
             from df_agent.train.vision import VisionHeads, patch_features
 
-            dim = model.config.vision_config.hidden_size
-            heads = VisionHeads(dim, stage.digit_weight, stage.shape_weight)
+            heads = VisionHeads.for_stage(model, stage)
             groups.append({"params": list(heads.parameters()), "lr_scale": 1.0})
 
         def make_batch(step):

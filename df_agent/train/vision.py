@@ -87,7 +87,8 @@ def patch_labels(scene: Scene, region: tuple[int, int, int, int], grid: int, wit
 
 
 class VisionHeads(nn.Module):
-    """Linear read-outs of per-patch features; used only during the vision stage."""
+    """Linear read-outs of per-patch features: the vision stages' losses, and the per-patch labels an
+    LM stage keeps on while the tower trains (`vision_aux_scenes`). Thrown away after each stage."""
 
     def __init__(self, dim: int, digit_weight: float = 2.0, shape_weight: float = 1.0):
         super().__init__()
@@ -98,6 +99,11 @@ class VisionHeads(nn.Module):
         self.digit = nn.Linear(dim, N_DIGIT)
         self.box = nn.Linear(dim, 4)
         self.count = nn.Linear(dim, N_COUNT)
+
+    @classmethod
+    def for_stage(cls, model, stage) -> VisionHeads:
+        """Heads for `model`'s tower, weighted as `stage` says."""
+        return cls(model.config.vision_config.hidden_size, stage.digit_weight, stage.shape_weight)
 
     def forward(self, feats: torch.Tensor, labels: dict) -> tuple[torch.Tensor, dict]:
         ce = nn.functional.cross_entropy
