@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from df_agent.embeddings import HashingEmbedder, HFEmbedder
+from df_agent.memory.embeddings import HashingEmbedder, HFEmbedder
 from df_agent.memory import MemoryRecord, VisualQAMemory
 from df_agent.results import FocusResult
 

@@ -15,9 +15,9 @@ MODES = ("dualfocus", "macro", "micro", "auto")
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`; imported only when listed.
 SUBCOMMANDS: dict[str, str] = {
     "eval": "df_agent.eval.cli",
-    "memory": "df_agent.memory_cli",
+    "memory": "df_agent.memory.cli",
     "convert-checkpoint": "df_agent.convert",
-    "mcp": "df_agent.mcp_server",
+    "mcp": "df_agent.agents.mcp",
 }
 
 

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path as FilePath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from PIL import Image
 
@@ -27,8 +27,6 @@ from df_agent.results import Arbitration, ArbitrationMethod, FocusResult, Locati
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from df_agent.memory_protocol import AnswerMemory
-
 ImageInput = str | FilePath | bytes | Image.Image
 ARBITRATION_METHODS: tuple[ArbitrationMethod, ...] = ("official", "own_context", "average")
 MODES: tuple[Mode, ...] = ("dualfocus", "macro", "micro", "auto")
@@ -36,6 +34,27 @@ LOCATE_MAX_NEW_TOKENS = 64
 # mode="auto" skips the zoom when the macro answer's own mean NLL is at most this: calibrated for the
 # shipped model on FocusShapes (bench/auto.py, README "Performance"); recalibrate for other models.
 AUTO_THRESHOLD = 0.44
+
+
+class AnswerMemory(Protocol):
+    """A store of past answers that the engine consults before running and logs after."""
+
+    def lookup(
+        self,
+        image: str,
+        question: str,
+        model_id: str,
+        mode: Mode,
+        options: Sequence[str] | None = None,
+        *,
+        arbitration: ArbitrationMethod | None = None,
+    ) -> FocusResult | None:
+        """The remembered answer to exactly this asking (`image` is the image's content hash), or None."""
+        ...
+
+    def log(self, result: FocusResult) -> str:
+        """Store `result`; return its record id once it is durable."""
+        ...
 
 
 class DualFocus:
@@ -430,6 +449,7 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 
 __all__ = [
     "ARBITRATION_METHODS",
+    "AnswerMemory",
     "AUTO_THRESHOLD",
     "LOCATE_MAX_NEW_TOKENS",
     "MODES",

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from df_agent.embeddings import HashingEmbedder
+from df_agent.memory.embeddings import HashingEmbedder
 from df_agent.memory import RetryPolicy, VisualQAMemory
 from df_agent.results import FocusResult
 

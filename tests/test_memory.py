@@ -18,10 +18,10 @@ from memory_worker import FAST_RETRY, WORKER, run_workers, worker_result
 
 from df_agent.boxes import Box
 from df_agent.cli import main as cli_main
-from df_agent.embeddings import EmbedderError, HashingEmbedder, HFEmbedder
+from df_agent.memory.embeddings import EmbedderError, HashingEmbedder, HFEmbedder
 from df_agent.engine import DualFocus
 from df_agent.images import image_hash
-from df_agent.journal import Journal, read_lines
+from df_agent.memory.journal import Journal, read_lines
 from df_agent.memory import MemoryRecord, MemoryUnavailableError, RetryPolicy, VisualQAMemory, repeat_key
 from df_agent.results import FocusResult
 
@@ -404,7 +404,7 @@ def test_export_then_import_restores_every_record(memory: VisualQAMemory, tmp_pa
 def test_a_grown_embedded_store_gets_query_statistics(tmp_path: Path) -> None:
     import sqlite3
 
-    from df_agent.memory import _gather_statistics
+    from df_agent.memory.store import _gather_statistics
 
     with VisualQAMemory(tmp_path, embedder=HashingEmbedder()) as memory:
         memory.import_records(MemoryRecord.from_result(answer(f"q{i}")) for i in range(3))

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from memory_worker import FAST_RETRY, WORKER, run_workers, worker_result
 
-from df_agent.embeddings import HashingEmbedder
+from df_agent.memory.embeddings import HashingEmbedder
 from df_agent.memory import MemoryUnavailableError, VisualQAMemory
 
 

@@ -7,8 +7,8 @@ from conftest import ScriptedBackend
 
 from df_agent.engine import DualFocus
 from df_agent.prompt_sets import families, load_prompts
-from df_agent.registry import ImageRegistry
-from df_agent.toolbox import DESCRIPTIONS, Toolbox
+from df_agent.agents.registry import ImageRegistry
+from df_agent.agents.operations import DESCRIPTIONS, Toolbox
 
 
 def test_dualfocus_prompts_are_the_official_wording() -> None:
@@ -82,7 +82,7 @@ def test_mcp_tools_are_described_by_the_prompt_files() -> None:
     pytest.importorskip("fastmcp")
     from fastmcp import Client
 
-    from df_agent.mcp_server import build_server
+    from df_agent.agents.mcp import build_server
 
     server = build_server(Toolbox(DualFocus(ScriptedBackend()), ImageRegistry(), memory=object()))
 

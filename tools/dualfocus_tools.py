@@ -19,7 +19,7 @@ from langchain_core.tools import ArgsSchema, BaseTool, ToolException
 from pydantic import BaseModel, ValidationError
 
 from df_agent.results import FocusResult
-from df_agent.toolbox import (
+from df_agent.agents.operations import (
     DESCRIPTIONS,
     PLANNER_ERRORS,
     ArbitrationAnswer,
@@ -42,7 +42,7 @@ from df_agent.toolbox import (
     preview_png,
 )
 
-# -- argument schemas (descriptions come from df_agent.toolbox, shared with the MCP server) ----------
+# -- argument schemas (descriptions come from df_agent.agents.operations, shared with the MCP server) ----------
 
 
 class ImageQuestionInput(BaseModel):

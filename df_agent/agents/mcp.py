@@ -1,6 +1,6 @@
 """Serve the DualFocus tools over MCP (stdio by default, streamable HTTP with --http PORT).
 
-The same operations as the LangChain toolkit (`df_agent.toolbox`), with the same image-reference
+The same operations as the LangChain toolkit (`df_agent.agents.operations`), with the same image-reference
 rules: image ids, data URIs, paths only under ``--allow-root`` folders, URLs only with
 ``--allow-urls``. `zoom_region` returns the crop as an MCP image; every tool also returns its full
 result as structured content. A planner's mistake comes back as a tool error whose message says what
@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from df_agent.toolbox import (
+from df_agent.agents.operations import (
     DESCRIPTIONS,
     PLANNER_ERRORS,
     BoxArg,
@@ -156,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve until the client disconnects (stdio) or the process is stopped (HTTP)."""
     from df_agent.engine import DualFocus
-    from df_agent.registry import ImageRegistry
+    from df_agent.agents.registry import ImageRegistry
 
     registry = ImageRegistry(args.allow_root, allow_urls=args.allow_urls)
     memory = None

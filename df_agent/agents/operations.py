@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from df_agent.boxes import Box, format_box
 from df_agent.engine import DualFocus
-from df_agent.memory_protocol import AnswerMemory
-from df_agent.registry import ImageReferenceError, ImageRegistry, RegisteredImage
+from df_agent.engine import AnswerMemory
+from df_agent.agents.registry import ImageReferenceError, ImageRegistry, RegisteredImage
 from df_agent.results import Arbitration, FocusResult
 
 STEPS = ("macro", "locate", "zoom", "micro", "arbitrate")

@@ -9,7 +9,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
-from df_agent.memory import Recollection, VisualQAMemory
+from df_agent.memory.store import Recollection, VisualQAMemory
 
 
 class MemoryRetriever(BaseRetriever):

@@ -13,7 +13,7 @@ successful connection, by this process or, if it died, by the next one to connec
 is derived from what was asked (`record_id`), so writing it twice stores it once.
 
 Chroma is imported only here, when a memory first connects. Vectors are computed by our own
-embedder (`df_agent.embeddings`) and passed to Chroma, which never runs an embedding function of
+embedder (`df_agent.memory.embeddings`) and passed to Chroma, which never runs an embedding function of
 its own; the embedder's config is kept in the collection's metadata, so a reopened memory
 embeds queries the same way.
 """
@@ -41,9 +41,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
-from df_agent.embeddings import Embedder, EmbedderError, HFEmbedder, embedder_from_config
+from df_agent.memory.embeddings import Embedder, EmbedderError, HFEmbedder, embedder_from_config
 from df_agent.images import image_hash, load_image
-from df_agent.journal import Journal, replay
+from df_agent.memory.journal import Journal, replay
 from df_agent.results import ArbitrationMethod, FocusResult, Mode
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class VisualQAMemory:
         client: A chromadb client to use instead (`path` must then be None). Writes from one
             process are serialised; several processes on one embedded folder need `path`.
         embedder: Turns text into vectors; default: the one recorded in the collection, or
-            all-MiniLM-L6-v2 (`df_agent.embeddings.HFEmbedder`) for a new collection.
+            all-MiniLM-L6-v2 (`df_agent.memory.embeddings.HFEmbedder`) for a new collection.
         collection: Collection name: 3-512 characters of ``[a-zA-Z0-9._-]``.
         journal_dir: Where the local journals live; default ``journal/<collection>`` in the
             memory's folder, or a folder named after the store and collection under the user's
@@ -179,7 +179,7 @@ class VisualQAMemory:
             )
         if embedder is not None and not isinstance(embedder, Embedder):
             raise TypeError(
-                "embedder must have dimension, embed(texts) and config() (see df_agent.embeddings)"
+                "embedder must have dimension, embed(texts) and config() (see df_agent.memory.embeddings)"
             )
         self.collection_name = collection
         self.retry = retry or RetryPolicy()
@@ -555,8 +555,8 @@ class VisualQAMemory:
         )
 
     def as_retriever(self, k: int = 4, image: str | None = None) -> BaseRetriever:
-        """A LangChain retriever over this memory (see `df_agent.memory_retriever`)."""
-        from df_agent.memory_retriever import MemoryRetriever
+        """A LangChain retriever over this memory (see `df_agent.memory.retriever`)."""
+        from df_agent.memory.retriever import MemoryRetriever
 
         return MemoryRetriever(memory=self, k=k, image=image)
 

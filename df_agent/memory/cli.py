@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from df_agent.memory import (
+from df_agent.memory.store import (
     DEFAULT_COLLECTION,
     MemoryUnavailableError,
     Recollection,
