@@ -30,8 +30,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from df_agent.memory.embeddings import HashingEmbedder, HFEmbedder
 from df_agent.memory import MemoryRecord, VisualQAMemory
+from df_agent.memory.embeddings import HashingEmbedder, HFEmbedder
 from df_agent.results import FocusResult
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -449,10 +449,10 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 
 __all__ = [
     "ARBITRATION_METHODS",
-    "AnswerMemory",
     "AUTO_THRESHOLD",
     "LOCATE_MAX_NEW_TOKENS",
     "MODES",
+    "AnswerMemory",
     "DualFocus",
     "ImageInput",
     "option_letter",

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from df_agent.memory.embeddings import HashingEmbedder
 from df_agent.memory import RetryPolicy, VisualQAMemory
+from df_agent.memory.embeddings import HashingEmbedder
 from df_agent.results import FocusResult
 
 WORKER = Path(__file__)

@@ -19,15 +19,15 @@ from fastmcp import Client
 from fastmcp.client.transports import StdioTransport
 from PIL import Image
 
+from df_agent.agents.mcp import build_server
+from df_agent.agents.operations import DESCRIPTIONS, Toolbox
+from df_agent.agents.registry import ImageRegistry
 from df_agent.cli import build_parser
 from df_agent.data.focusshapes import render_scene
-from df_agent.memory.embeddings import HashingEmbedder
 from df_agent.engine import DualFocus
 from df_agent.images import to_data_uri
-from df_agent.agents.mcp import build_server
 from df_agent.memory import VisualQAMemory
-from df_agent.agents.registry import ImageRegistry
-from df_agent.agents.operations import DESCRIPTIONS, Toolbox
+from df_agent.memory.embeddings import HashingEmbedder
 
 SCENE = render_scene("mcp-test")
 QUESTION = f"What number is on the {SCENE.objects[0].name}?"

@@ -18,11 +18,11 @@ from memory_worker import FAST_RETRY, WORKER, run_workers, worker_result
 
 from df_agent.boxes import Box
 from df_agent.cli import main as cli_main
-from df_agent.memory.embeddings import EmbedderError, HashingEmbedder, HFEmbedder
 from df_agent.engine import DualFocus
 from df_agent.images import image_hash
-from df_agent.memory.journal import Journal, read_lines
 from df_agent.memory import MemoryRecord, MemoryUnavailableError, RetryPolicy, VisualQAMemory, repeat_key
+from df_agent.memory.embeddings import EmbedderError, HashingEmbedder, HFEmbedder
+from df_agent.memory.journal import Journal, read_lines
 from df_agent.results import FocusResult
 
 IMAGE = "ab" * 32

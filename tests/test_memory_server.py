@@ -18,8 +18,8 @@ import httpx
 import pytest
 from memory_worker import FAST_RETRY, WORKER, run_workers, worker_result
 
-from df_agent.memory.embeddings import HashingEmbedder
 from df_agent.memory import MemoryUnavailableError, VisualQAMemory
+from df_agent.memory.embeddings import HashingEmbedder
 
 
 def chroma_cli() -> str:

@@ -5,10 +5,10 @@ from importlib import resources
 import pytest
 from conftest import ScriptedBackend
 
+from df_agent.agents.operations import DESCRIPTIONS, Toolbox
+from df_agent.agents.registry import ImageRegistry
 from df_agent.engine import DualFocus
 from df_agent.prompt_sets import families, load_prompts
-from df_agent.agents.registry import ImageRegistry
-from df_agent.agents.operations import DESCRIPTIONS, Toolbox
 
 
 def test_dualfocus_prompts_are_the_official_wording() -> None:

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from df_agent.agents.registry import ImageReferenceError, ImageRegistry
 from df_agent.boxes import Box
 from df_agent.images import image_hash, to_data_uri
-from df_agent.agents.registry import ImageReferenceError, ImageRegistry
 
 
 def picture(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (40, 30)) -> Image.Image:

@@ -26,14 +26,14 @@ from PIL import Image
 
 import df_agent
 import df_agent.tools
+from df_agent.agents.operations import RegionAnswer, Toolbox, ToolInputError, planner_box
+from df_agent.agents.registry import ImageRegistry
 from df_agent.boxes import Box, BoxConvention, format_box, parse_box, zoom_box
 from df_agent.data.focusshapes import Scene, render_scene
-from df_agent.memory.embeddings import HashingEmbedder
 from df_agent.engine import DualFocus
 from df_agent.memory import MemoryUnavailableError, VisualQAMemory
-from df_agent.agents.registry import ImageRegistry
+from df_agent.memory.embeddings import HashingEmbedder
 from df_agent.results import FocusResult
-from df_agent.agents.operations import RegionAnswer, Toolbox, ToolInputError, planner_box
 from df_agent.tools import (
     ArbitrateAnswersTool,
     DualFocusAnswerTool,

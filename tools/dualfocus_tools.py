@@ -18,7 +18,6 @@ from langchain_core.messages.content import create_image_block, create_text_bloc
 from langchain_core.tools import ArgsSchema, BaseTool, ToolException
 from pydantic import BaseModel, ValidationError
 
-from df_agent.results import FocusResult
 from df_agent.agents.operations import (
     DESCRIPTIONS,
     PLANNER_ERRORS,
@@ -41,8 +40,9 @@ from df_agent.agents.operations import (
     Toolbox,
     preview_png,
 )
+from df_agent.results import FocusResult
 
-# -- argument schemas (descriptions come from df_agent.agents.operations, shared with the MCP server) ----------
+# -- argument schemas (descriptions from df_agent.agents.operations, shared with the MCP server) --
 
 
 class ImageQuestionInput(BaseModel):

@@ -10,9 +10,9 @@ from langchain_core.tools import BaseTool, BaseToolkit
 from PIL import Image
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from df_agent.engine import DualFocus
-from df_agent.agents.registry import ImageRegistry
 from df_agent.agents.operations import Toolbox
+from df_agent.agents.registry import ImageRegistry
+from df_agent.engine import DualFocus
 from df_agent.tools.dualfocus_tools import (
     ArbitrateAnswersTool,
     DualFocusAnswerTool,

@@ -155,8 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve until the client disconnects (stdio) or the process is stopped (HTTP)."""
-    from df_agent.engine import DualFocus
     from df_agent.agents.registry import ImageRegistry
+    from df_agent.engine import DualFocus
 
     registry = ImageRegistry(args.allow_root, allow_urls=args.allow_urls)
     memory = None

@@ -26,10 +26,9 @@ from typing import Annotated, Any, Literal, Protocol
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from df_agent.boxes import Box, format_box
-from df_agent.engine import DualFocus
-from df_agent.engine import AnswerMemory
 from df_agent.agents.registry import ImageReferenceError, ImageRegistry, RegisteredImage
+from df_agent.boxes import Box, format_box
+from df_agent.engine import AnswerMemory, DualFocus
 from df_agent.results import Arbitration, FocusResult
 
 STEPS = ("macro", "locate", "zoom", "micro", "arbitrate")

@@ -41,8 +41,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
-from df_agent.memory.embeddings import Embedder, EmbedderError, HFEmbedder, embedder_from_config
 from df_agent.images import image_hash, load_image
+from df_agent.memory.embeddings import Embedder, EmbedderError, HFEmbedder, embedder_from_config
 from df_agent.memory.journal import Journal, replay
 from df_agent.results import ArbitrationMethod, FocusResult, Mode
 
