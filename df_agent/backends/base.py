@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 from PIL import Image
 
@@ -59,9 +60,73 @@ class Conversation:
         return messages
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """A vision-language model as DualFocus needs it: two verbs and two declarations.
+ReplyKind = Literal["answer", "box"]
+
+
+class GuessRejected(RuntimeError):
+    """A reply a session returned early, on a guess, was not the model's: redo the question without guessing.
+
+    Only raised inside ``session(speculate=True)``; the engine then runs the question again in a
+    plain ``session()``.
+    """
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation a step asks for.
+
+    Attributes:
+        conversation: The conversation, ending with a user turn.
+        max_new_tokens: The token budget of the reply.
+        reply: What the reply is: "box" lets a backend use a box grammar or format (e.g. the
+            fast backend's box draft); "answer" is anything else.
+    """
+
+    conversation: Conversation
+    max_new_tokens: int = 128
+    reply: ReplyKind = "answer"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A generated reply and, where the backend reports them, its tokens' log-probabilities."""
+
+    text: str
+    token_logprobs: tuple[float, ...] | None = None
+
+    @property
+    def mean_nll(self) -> float | None:
+        """Mean negative log-likelihood of the reply's tokens in its own context (lower: more confident)."""
+        if not self.token_logprobs:
+            return None
+        return -sum(self.token_logprobs) / len(self.token_logprobs)
+
+
+@dataclass(frozen=True)
+class Abilities:
+    """What a backend can report beyond text; the engine picks its votes from these.
+
+    Attributes:
+        prompt_logprobs: `score` works: the log-likelihood of any candidate in any context
+            (teacher forcing). Every vote can run.
+        generation_logprobs: `generate_many` returns each reply's token log-probabilities, so
+            the own-context vote needs no extra request.
+        session: `session` shares work between the calls of one question (image encodings, a
+            prefix cache, requests decoded together).
+        max_images: How many images one conversation may carry (None: no limit known).
+    """
+
+    prompt_logprobs: bool = False
+    generation_logprobs: bool = False
+    session: bool = False
+    max_images: int | None = None
+
+
+class Backend:
+    """A vision-language model as DualFocus needs it: two verbs, declared abilities, plain defaults.
+
+    Subclasses implement `generate` and, when they can, `score`; the optional abilities below
+    have defaults that work for every model, and `abilities` says which are real.
 
     Attributes:
         model_id: A name for the model, recorded in every result.
@@ -73,21 +138,54 @@ class Backend(Protocol):
     box_convention: BoxConvention
     prompt_family: str
 
+    @property
+    def abilities(self) -> Abilities:
+        """What this backend can report beyond text (default: nothing)."""
+        return Abilities()
+
     def generate(self, conversation: Conversation, max_new_tokens: int = 128) -> str:
         """Greedy reply to the conversation, which must end with a user turn."""
-        ...
+        raise NotImplementedError(f"{type(self).__name__} does not implement generate")
+
+    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
+        """Replies to independent requests, in order; a backend may run them together.
+
+        Default: one `generate` after another, without log-probabilities. Backends override it to
+        batch the requests, send them concurrently or report token log-probabilities.
+        """
+        return [Generation(self.generate(r.conversation, r.max_new_tokens)) for r in requests]
 
     def score(self, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
-        """Mean negative log-likelihood of each candidate as the assistant's reply.
+        """Mean negative log-likelihood of each candidate as the assistant's reply; lower is better.
 
-        Lower is better. All candidates go through one batched forward pass. A backend that
-        cannot score raises `ScoringUnavailableError`, and the engine then keeps the macro answer.
+        All candidates go through one batched forward pass. Default: `ScoringUnavailableError`
+        (see `abilities.prompt_logprobs`).
         """
-        ...
+        raise ScoringUnavailableError(f"{type(self).__name__} cannot score candidates")
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
-        """The (width, height) the model's image processor resizes `image` to."""
-        ...
+        """The (width, height) the model's image processor resizes `image` to (default: unchanged)."""
+        return image.size
+
+    def session(self, *, speculate: bool = False) -> AbstractContextManager[None]:
+        """Share work between the calls of one question made inside (default: nothing shared).
+
+        Args:
+            speculate: The backend may return replies early on a guess; a wrong guess raises
+                `GuessRejected` inside the session or when it closes.
+        """
+        return nullcontext()
 
 
-__all__ = ["Backend", "Conversation", "Role", "ScoringUnavailableError", "Turn"]
+__all__ = [
+    "Abilities",
+    "Backend",
+    "Conversation",
+    "Generation",
+    "GuessRejected",
+    "ReplyKind",
+    "Request",
+    "Role",
+    "ScoringUnavailableError",
+    "Turn",
+]
