@@ -1,7 +1,7 @@
 """Stage "vision": pretrain the vision tower alone with direct, per-patch labels.
 
 Reading a 3-pixel digit through the language loss alone is far too slow for a tiny
-tower trained from scratch (design.md). Here every patch of a view gets labels:
+tower trained from scratch (docs/shipped-model-experiments.md). Here every patch of a view gets labels:
 the colour, the shape and the box of the object that covers it, the object count
 of the scene (full views), and, in crops, the digit on the patches covering its glyph.
 Linear heads on the features LLaVA feeds its projector (last layer, patch tokens)
