@@ -28,6 +28,8 @@ class BoxConvention(StrEnum):
             ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``.
         PIXELS: Qwen2.5-VL: absolute pixels of the resized model input image, JSON ``bbox_2d``.
         JSON_1000: Qwen3-VL / Qwen-Agent: 0..1000 of the image, JSON ``bbox_2d``.
+        GEMINI_1000: Gemini: JSON ``box_2d`` as ``[ymin, xmin, ymax, xmax]``, 0..1000 of the image
+            (y first).
     """
 
     FRACTION = "fraction"
@@ -35,6 +37,7 @@ class BoxConvention(StrEnum):
     QWEN_1000 = "qwen_1000"
     PIXELS = "pixels"
     JSON_1000 = "json_1000"
+    GEMINI_1000 = "gemini_1000"
 
 
 class Box(BaseModel):
@@ -120,6 +123,7 @@ _NUMBER = re.compile(
     re.IGNORECASE,
 )
 _BBOX_2D = re.compile(r"""["']?bbox_2d["']?\s*:\s*\[([^\]]*)\]""")
+_BOX_2D = re.compile(r"""(?<![A-Za-z_])["']?box_2d["']?\s*:\s*\[([^\]]*)\]""")
 _BOX_TOKENS = re.compile(r"(?:<\|box_start\|>|<box>)(.*?)(?:<\|box_end\|>|</box>|$)", re.DOTALL)
 
 # The range of values each convention writes, and how far past it a value may stray (rounding, a
@@ -129,6 +133,7 @@ _RANGE = {
     BoxConvention.SQUARE_FRACTION: 1.0,
     BoxConvention.QWEN_1000: 1000.0,
     BoxConvention.JSON_1000: 1000.0,
+    BoxConvention.GEMINI_1000: 1000.0,
 }
 _TOLERANCE = 0.1
 
@@ -143,8 +148,10 @@ def _check_size(size: tuple[int, int], name: str) -> tuple[int, int]:
     return w, h
 
 
-def _first_four_numbers(text: str) -> list[float]:
-    match = _BBOX_2D.search(text) or _BOX_TOKENS.search(text)
+def _first_four_numbers(text: str, convention: BoxConvention) -> list[float]:
+    match = (convention is BoxConvention.GEMINI_1000 and _BOX_2D.search(text)) or (
+        _BBOX_2D.search(text) or _BOX_TOKENS.search(text)
+    )
     if match:
         text = match.group(1)
     numbers = []
@@ -165,7 +172,7 @@ def _scale(
     if convention is BoxConvention.SQUARE_FRACTION:
         side = max(w, h)
         return side, side, (side - w) // 2, (side - h) // 2
-    if convention in (BoxConvention.QWEN_1000, BoxConvention.JSON_1000):
+    if convention in (BoxConvention.QWEN_1000, BoxConvention.JSON_1000, BoxConvention.GEMINI_1000):
         return w / 1000, h / 1000, 0, 0
     if input_size is None:
         return 1, 1, 0, 0
@@ -183,8 +190,10 @@ def parse_box(
 
     The first four numbers of the text are read as ``x1, y1, x2, y2``. If the text holds a JSON
     ``bbox_2d`` list, or Qwen box tokens (``<|box_start|>``/``<box>``), the numbers are read from the
-    first of those instead, so labels such as "person 1" do not count. Digits glued to letters
-    ("x1", "Qwen2") are not numbers. A box partly outside the image is clipped to it.
+    first of those instead, so labels such as "person 1" do not count. With
+    `BoxConvention.GEMINI_1000` a ``box_2d`` list comes first and is read as ``ymin, xmin, ymax,
+    xmax``. Digits glued to letters ("x1", "Qwen2") are not numbers. A box partly outside the image
+    is clipped to it.
 
     Args:
         text: The model's answer. Anything is accepted; this function never raises for it.
@@ -206,7 +215,7 @@ def parse_box(
     w, h = _check_size(image_size, "image_size")
     if not isinstance(text, str):
         return NoBox(reason=f"model output is not text (got {type(text).__name__})")
-    values = _first_four_numbers(text)
+    values = _first_four_numbers(text, convention)
     if not values:
         return NoBox(reason="no numbers in the model output")
     if len(values) < 4:
@@ -216,6 +225,8 @@ def parse_box(
     limit = _RANGE.get(convention)
     if limit is not None and not all(-_TOLERANCE * limit <= v <= (1 + _TOLERANCE) * limit for v in values):
         return NoBox(reason=f"box values {values} are out of the {convention.value} range 0..{limit:g}")
+    if convention is BoxConvention.GEMINI_1000:  # [ymin, xmin, ymax, xmax]
+        values = [values[1], values[0], values[3], values[2]]
     x1, y1, x2, y2 = values
     if x2 < x1 or y2 < y1:
         return NoBox(reason=f"box is inverted (x2 < x1 or y2 < y1): {values}")
@@ -248,7 +259,8 @@ def format_box(
     Returns:
         FRACTION ``[0.12,0.34,0.56,0.78]``; SQUARE_FRACTION ``[0.123, 0.345, 0.567, 0.789]``;
         QWEN_1000 ``<|box_start|>(120,340),(560,780)<|box_end|>``; PIXELS and JSON_1000
-        ``[{"bbox_2d": [x1, y1, x2, y2]}]`` with integers.
+        ``[{"bbox_2d": [x1, y1, x2, y2]}]`` with integers; GEMINI_1000
+        ``[{"box_2d": [y1, x1, y2, x2]}]`` with integers.
     """
     convention = BoxConvention(convention)
     w, h = _check_size(image_size, "image_size")
@@ -261,6 +273,8 @@ def format_box(
     a, b, c, d = (round(x) for x in v)
     if convention is BoxConvention.QWEN_1000:
         return f"<|box_start|>({a},{b}),({c},{d})<|box_end|>"
+    if convention is BoxConvention.GEMINI_1000:
+        return f'[{{"box_2d": [{b}, {a}, {d}, {c}]}}]'
     return f'[{{"bbox_2d": [{a}, {b}, {c}, {d}]}}]'
 
 

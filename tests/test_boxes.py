@@ -141,7 +141,13 @@ def _box_in_image(draw, min_frac=0.0):
 
 
 # The most one coordinate may move in a format/parse round trip, as a fraction of the image side.
-_QUANTUM = {C.FRACTION: 0.005, C.SQUARE_FRACTION: 0.0005, C.QWEN_1000: 0.0005, C.JSON_1000: 0.0005}
+_QUANTUM = {
+    C.FRACTION: 0.005,
+    C.SQUARE_FRACTION: 0.0005,
+    C.QWEN_1000: 0.0005,
+    C.JSON_1000: 0.0005,
+    C.GEMINI_1000: 0.0005,
+}
 
 
 @pytest.mark.parametrize("convention", list(C))
