@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,8 +21,9 @@ from fastmcp.client.transports import StdioTransport
 from PIL import Image
 
 from df_agent.agents.mcp import build_server
-from df_agent.agents.operations import DESCRIPTIONS, Toolbox
+from df_agent.agents.operations import Toolbox
 from df_agent.agents.registry import ImageRegistry
+from df_agent.agents.specs import BY_NAME, DESCRIPTIONS
 from df_agent.cli import build_parser
 from df_agent.data.focusshapes import render_scene
 from df_agent.engine import DualFocus
@@ -35,7 +37,7 @@ STEP_TOOLS = ["dualfocus_answer", "global_answer", "zoom_region", "focused_answe
 
 
 def scripted_server(memory: Any = None, **backend: Any):
-    toolbox = Toolbox(DualFocus(ScriptedBackend(**backend)), ImageRegistry(), memory)
+    toolbox = Toolbox(DualFocus(ScriptedBackend(**backend), memory=memory), ImageRegistry())
     toolbox.registry.register(SCENE.image, "scene")
     return build_server(toolbox), toolbox
 
@@ -91,6 +93,36 @@ def test_whole_pipeline_returns_the_answer_and_the_trace() -> None:
     assert trace["scores"] == {"macro": 1.25, "micro": 0.5}
     assert trace["box"] == {"x1": 80.0, "y1": 80.0, "x2": 160.0, "y2": 160.0}
     assert set(trace["timings"]) >= {"macro", "locate", "zoom", "micro", "arbitrate", "total"}
+
+
+def test_schemas_are_the_specs_input_models() -> None:
+    server, _ = scripted_server()
+
+    async def go():
+        async with Client(server) as client:
+            return await client.list_tools()
+
+    for tool in asyncio.run(go()):
+        assert tool.input_schema == BY_NAME[tool.name].input.model_json_schema()
+        assert tool.input_schema["additionalProperties"] is False
+
+
+def test_each_engine_step_is_reported_as_progress() -> None:
+    server, _ = scripted_server(macro="red", micro="blue", scores={"red": 1.25, "blue": 0.5})
+    reports: list[tuple[float, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reports.append((progress, message))
+
+    async def go():
+        async with Client(server, progress_handler=on_progress) as client:
+            return await client.call_tool("dualfocus_answer", {"image": "scene", "question": QUESTION})
+
+    assert not asyncio.run(go()).is_error
+    assert [p for p, _ in reports] == [1, 2, 3, 4, 5]
+    steps = [message.split()[0] for _, message in reports]
+    assert steps == ["macro", "locate", "zoom", "micro", "arbitrate"]
+    assert all(re.fullmatch(r"\w+ done in \d+\.\d\d s", message) for _, message in reports)
 
 
 def test_the_steps_chain_through_crop_ids() -> None:

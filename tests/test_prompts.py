@@ -5,8 +5,9 @@ from importlib import resources
 import pytest
 from conftest import ScriptedBackend
 
-from df_agent.agents.operations import DESCRIPTIONS, Toolbox
+from df_agent.agents.operations import Toolbox
 from df_agent.agents.registry import ImageRegistry
+from df_agent.agents.specs import DESCRIPTIONS
 from df_agent.engine import DualFocus
 from df_agent.prompt_sets import families, load_prompts
 
@@ -59,6 +60,13 @@ def tool_texts() -> dict[str, str]:
     }
 
 
+class Recalling:
+    """A memory that can be searched, so that recall_visual_qa is offered; it is never called here."""
+
+    def recall(self, query: str, image: object = None, k: int = 5) -> list:
+        raise AssertionError("not called")
+
+
 def test_langchain_tools_are_described_by_the_prompt_files() -> None:
     pytest.importorskip("langchain_core")
     from df_agent.tools import DualFocusToolkit
@@ -67,7 +75,7 @@ def test_langchain_tools_are_described_by_the_prompt_files() -> None:
     fields = tomllib.loads(
         (resources.files("df_agent.prompts") / "_tools" / "fields.toml").read_text("utf-8")
     )
-    tools = DualFocusToolkit(engine=DualFocus(ScriptedBackend()), memory=object()).get_tools()
+    tools = DualFocusToolkit(engine=DualFocus(ScriptedBackend(), memory=Recalling())).get_tools()
     assert sorted(t.name for t in tools) == sorted(texts) == sorted(DESCRIPTIONS)
     used = set()
     for tool in tools:
@@ -84,7 +92,7 @@ def test_mcp_tools_are_described_by_the_prompt_files() -> None:
 
     from df_agent.agents.mcp import build_server
 
-    server = build_server(Toolbox(DualFocus(ScriptedBackend()), ImageRegistry(), memory=object()))
+    server = build_server(Toolbox(DualFocus(ScriptedBackend(), memory=Recalling()), ImageRegistry()))
 
     async def listed():
         async with Client(server) as client:

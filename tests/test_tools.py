@@ -26,7 +26,10 @@ from PIL import Image
 
 import df_agent
 import df_agent.tools
-from df_agent.agents.operations import RegionAnswer, Toolbox, ToolInputError, planner_box
+from df_agent.agents.answers import RegionAnswer
+from df_agent.agents.errors import ToolInputError
+from df_agent.agents.inputs import AskInput
+from df_agent.agents.operations import Toolbox, planner_box
 from df_agent.agents.registry import ImageRegistry
 from df_agent.boxes import Box, BoxConvention, format_box, parse_box, zoom_box
 from df_agent.data.focusshapes import Scene, render_scene
@@ -54,14 +57,6 @@ QUESTION = f"What number is on the {TARGET.name}?"
 
 
 @pytest.fixture(scope="session")
-def model_engine(request: pytest.FixtureRequest) -> DualFocus:
-    """The shipped model when it exists, else the tiny random LLaVA (short answers keep it fast)."""
-    if SHIPPED:
-        return DualFocus.from_pretrained(device="cpu")
-    return DualFocus(request.getfixturevalue("tiny_llava_backend"), max_new_tokens=8)
-
-
-@pytest.fixture(scope="session")
 def model_memory(tmp_path_factory: pytest.TempPathFactory):
     memory = VisualQAMemory(tmp_path_factory.mktemp("memory"), embedder=HashingEmbedder())
     yield memory
@@ -69,11 +64,19 @@ def model_memory(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def model_toolbox(model_engine: DualFocus, model_memory: VisualQAMemory) -> Toolbox:
+def model_engine(request: pytest.FixtureRequest, model_memory: VisualQAMemory) -> DualFocus:
+    """The shipped model when it exists, else the tiny random LLaVA (short answers keep it fast)."""
+    if SHIPPED:
+        return DualFocus.from_pretrained(device="cpu", memory=model_memory)
+    return DualFocus(request.getfixturevalue("tiny_llava_backend"), max_new_tokens=8, memory=model_memory)
+
+
+@pytest.fixture(scope="session")
+def model_toolbox(model_engine: DualFocus) -> Toolbox:
     registry = ImageRegistry()
     registry.register(SCENE.image, "scene")
-    toolbox = Toolbox(model_engine, registry, model_memory)
-    toolbox.dualfocus_answer("scene", QUESTION)  # something to recall
+    toolbox = Toolbox(model_engine, registry)
+    toolbox.dualfocus_answer(AskInput(image="scene", question=QUESTION))  # something to recall
     return toolbox
 
 
@@ -201,7 +204,7 @@ def test_the_standard_examples_really_ran_the_model(model_toolbox: Toolbox) -> N
 def tool_call(
     tool: type[BaseTool] | BaseTool, args: dict[str, Any], call_id: str = "call-1"
 ) -> dict[str, Any]:
-    name = tool.name if isinstance(tool, BaseTool) else tool.model_fields["name"].default
+    name = tool.name if isinstance(tool, BaseTool) else tool.spec.name
     return {"type": "tool_call", "id": call_id, "name": name, "args": args}
 
 
@@ -266,8 +269,10 @@ def test_toolkit_shares_one_toolbox_and_offers_recall_only_with_a_memory(tmp_pat
     assert all(t.toolbox is toolkit.toolbox for t in tools)
     assert all(t.response_format == "content_and_artifact" and t.handle_tool_error for t in tools)
     with VisualQAMemory(tmp_path, embedder=HashingEmbedder()) as memory:
-        with_memory = DualFocusToolkit(engine=toolkit.engine, memory=memory).get_tools()
+        with_memory = DualFocusToolkit(engine=DualFocus(toolkit.engine.backend, memory=memory)).get_tools()
         assert with_memory[-1].name == "recall_visual_qa"
+    with pytest.raises(ValueError, match="give it to the engine"):
+        DualFocusToolkit(engine=toolkit.engine, memory=memory)
 
 
 def test_public_api() -> None:
@@ -284,7 +289,7 @@ def test_every_argument_is_described_for_a_planner() -> None:
         for name, field in schema["properties"].items():
             assert len(field.get("description", "")) > 30, (tool.name, name)
         assert len(tool.description) > 100
-    box = FocusedAnswerTool.model_fields["args_schema"].default.model_json_schema()["properties"]
+    box = FocusedAnswerTool.spec.input.model_json_schema()["properties"]
     assert "pixels" in box["box_units"]["description"] and "fraction" in box["box_units"]["description"]
     assert "[x1, y1, x2, y2]" in box["box"]["description"]
 
@@ -614,7 +619,8 @@ def test_bad_image_references_are_tool_errors(guarded: dict[str, Any], image: st
 @pytest.mark.parametrize("tool_class", list(EXAMPLES))
 def test_every_tool_refuses_a_traversal(guarded: dict[str, Any], tool_class: type[BaseTool]) -> None:
     toolbox = guarded["toolkit"].toolbox
-    tool = tool_class(toolbox=Toolbox(toolbox.engine, toolbox.registry, memory=_NeverRecalls()))
+    engine = DualFocus(toolbox.engine.backend, memory=_NeverRecalls())
+    tool = tool_class(toolbox=Toolbox(engine, toolbox.registry))
     result = tool.invoke(tool_call(tool, {**EXAMPLES[tool_class], "image": "../../etc/passwd"}))
     assert result.status == "error" and "outside the folders the host allowed" in result.content
     assert guarded["opened"] == []
@@ -658,7 +664,7 @@ def test_concurrent_ainvoke_on_one_hf_engine_matches_sequential(tiny_llava_backe
 
 def test_answers_are_logged_recalled_and_repeats_come_from_memory(tmp_path: Path) -> None:
     with VisualQAMemory(tmp_path, embedder=HashingEmbedder()) as memory:
-        toolkit = DualFocusToolkit(engine=DualFocus(ScriptedBackend(macro="red", micro="red")), memory=memory)
+        toolkit = DualFocusToolkit(engine=DualFocus(ScriptedBackend(macro="red", micro="red"), memory=memory))
         toolkit.register_image(SCENE.image, "scene")
         toolkit.register_image(render_scene("other").image, "other")
         tools = tools_of(toolkit)
@@ -685,9 +691,8 @@ def test_recall_errors_are_tool_errors() -> None:
         def recall(self, query: str, image: Any = None, k: int = 5) -> list[Any]:
             raise MemoryUnavailableError("server at http://127.0.0.1:9 refused the connection")
 
-    engine = DualFocus(ScriptedBackend())
-    unreachable = RecallVisualQATool(toolbox=Toolbox(engine, memory=Unreachable()))
+    unreachable = RecallVisualQATool(toolbox=Toolbox(DualFocus(ScriptedBackend(), memory=Unreachable())))
     result = unreachable.invoke(tool_call(unreachable, {"question": "anything?"}))
     assert result.status == "error" and "cannot be reached now" in result.content
-    missing = RecallVisualQATool(toolbox=Toolbox(engine))
+    missing = RecallVisualQATool(toolbox=Toolbox(DualFocus(ScriptedBackend())))
     assert "no visual Q&A memory" in missing.invoke({"question": "anything?"})

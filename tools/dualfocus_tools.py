@@ -1,94 +1,28 @@
-"""The DualFocus steps as LangChain tools: one `BaseTool` per step, plus the whole pipeline.
+"""The DualFocus steps as LangChain tools, built from the agent layer's tool specs.
 
 Every tool answers with ``(content, artifact)``: short text (and, for `zoom_region`, the crop as an
-image block) for the planner, the step's pydantic result for the program. Planner mistakes become
-`ToolException` messages (``handle_tool_error=True``); malformed arguments become a message naming
-each bad field. The engine's steps run as nested child runs of the tool run, so any callback handler
-sees each step's inputs and outputs (the zoom box, both candidates' scores).
+image block) for the planner, the step's pydantic result for the program. Each tool's input schema
+is its spec's input model (`df_agent.agents.inputs`): unknown or malformed arguments become one
+message naming each bad argument, planner mistakes become `ToolException` messages
+(``handle_tool_error=True``). The engine's steps run as nested child runs of the tool run, so any
+callback handler sees each step's inputs and outputs (the zoom box, both candidates' scores).
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import CallbackManagerForChainRun, CallbackManagerForToolRun
 from langchain_core.messages.content import create_image_block, create_text_block
-from langchain_core.tools import ArgsSchema, BaseTool, ToolException
-from pydantic import BaseModel, ValidationError
+from langchain_core.tools import BaseTool, ToolException
+from pydantic import ValidationError
 
-from df_agent.agents.operations import (
-    DESCRIPTIONS,
-    PLANNER_ERRORS,
-    ArbitrationAnswer,
-    BoxArg,
-    BoxUnitsArg,
-    CandidatesArg,
-    CropIdArg,
-    FocusedAnswer,
-    GlobalAnswer,
-    ImageArg,
-    OptionsArg,
-    QuestionArg,
-    RecallAnswer,
-    RecallImageArg,
-    RecallKArg,
-    RecallQuestionArg,
-    RegionAnswer,
-    StepObserver,
-    Toolbox,
-    preview_png,
-)
-from df_agent.results import FocusResult
-
-# -- argument schemas (descriptions from df_agent.agents.operations, shared with the MCP server) --
-
-
-class ImageQuestionInput(BaseModel):
-    """An image and a question about it."""
-
-    image: ImageArg
-    question: QuestionArg
-    options: OptionsArg = None
-
-
-class ZoomInput(BaseModel):
-    """An image and the question whose region to find."""
-
-    image: ImageArg
-    question: QuestionArg
-
-
-class FocusedInput(BaseModel):
-    """An image, a question and the region to zoom into."""
-
-    image: ImageArg
-    question: QuestionArg
-    crop_id: CropIdArg = None
-    box: BoxArg = None
-    box_units: BoxUnitsArg = "pixels"
-    options: OptionsArg = None
-
-
-class ArbitrateInput(BaseModel):
-    """An image, a question, the candidate answers and the region whose zoomed context scores them."""
-
-    image: ImageArg
-    question: QuestionArg
-    candidates: CandidatesArg
-    crop_id: CropIdArg = None
-    box: BoxArg = None
-    box_units: BoxUnitsArg = "pixels"
-
-
-class RecallInput(BaseModel):
-    """A question to find similar past questions for, optionally about one image."""
-
-    question: RecallQuestionArg
-    image: RecallImageArg = None
-    k: RecallKArg = 5
-
+from df_agent.agents.answers import PipelineAnswer, ToolAnswer, preview_png
+from df_agent.agents.errors import PlannerError
+from df_agent.agents.operations import Toolbox
+from df_agent.agents.specs import BY_NAME, ToolSpec
 
 # -- child runs ---------------------------------------------------------------------------------------
 
@@ -97,15 +31,15 @@ class _ChildRun:
     def __init__(self, run: CallbackManagerForChainRun) -> None:
         self._run = run
 
-    def end(self, outputs: dict[str, Any]) -> None:
+    def end(self, outputs: dict[str, Any], seconds: float) -> None:
         self._run.on_chain_end(outputs)
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, seconds: float) -> None:
         self._run.on_chain_error(error)
 
 
 class ChildRunObserver:
-    """A `StepObserver` that reports each engine step as a child chain run of a tool run.
+    """A step observer that reports each engine step as a child chain run of a tool run.
 
     Args:
         run_manager: The tool run's callback manager; each step becomes a chain run named after the
@@ -120,184 +54,118 @@ class ChildRunObserver:
         return _ChildRun(self._children.on_chain_start(None, inputs, name=step))
 
 
-def explain_validation_error(error: ValidationError) -> str:
-    """A tool-input validation error as one message naming each bad argument, for the planner."""
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item.get("loc", ())) or "arguments"
-        problems.append(f"{where}: {item.get('msg')}")
-    return "Invalid arguments (" + "; ".join(problems) + "). Fix them and call the tool again."
-
-
 # -- the tools ----------------------------------------------------------------------------------------
 
 
 class DualFocusTool(BaseTool):
-    """Base of the DualFocus tools: one shared `Toolbox`, content and artifact, planner-readable errors.
+    """Base of the DualFocus tools: one spec, one shared `Toolbox`, content and artifact.
+
+    A subclass names its spec (`spec`); the tool's name, description and input schema come from it.
 
     Args:
-        toolbox: The engine, image registry and memory the tool works on (share one between tools:
+        toolbox: The engine and image registry the tool works on (share one between tools:
             `DualFocusToolkit.get_tools` does).
     """
 
+    spec: ClassVar[ToolSpec]
     toolbox: Toolbox
     response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
     handle_tool_error: bool | str | Callable[[ToolException], str] | None = True
-    handle_validation_error: bool | str | Callable[[ValidationError], str] | None = explain_validation_error
 
-    def _invoke_step(
-        self, operation: Any, *args: Any, run_manager: CallbackManagerForToolRun | None, **kwargs: Any
-    ) -> Any:
-        """Run a toolbox operation with the steps traced as child runs; planner errors -> ToolException."""
-        observer: StepObserver | None = ChildRunObserver(run_manager) if run_manager else None
+    def __init__(self, **data: Any) -> None:
+        spec = self.spec
+        defaults = {
+            "name": spec.name,
+            "description": spec.description,
+            "args_schema": spec.input,
+            "handle_validation_error": spec.explain,
+        }
+        super().__init__(**{**defaults, **data})
+
+    def _run(self, run_manager: CallbackManagerForToolRun | None = None, **arguments: Any) -> tuple[Any, Any]:
+        """Run the spec's operation, its steps traced as child runs; planner errors -> ToolException."""
+        observer = ChildRunObserver(run_manager) if run_manager else None
         try:
-            return operation(*args, observer=observer, **kwargs)
-        except PLANNER_ERRORS as exc:
+            answer = self.spec.call(self.toolbox, arguments, observer)
+        except PlannerError as exc:
             raise ToolException(str(exc)) from None
+        except ValidationError as exc:  # arguments passed to _run directly, past the schema
+            raise ToolException(self.spec.explain(exc)) from None
+        return self._content(answer), self._artifact(answer)
+
+    @staticmethod
+    def _content(answer: ToolAnswer) -> str | list[dict[str, Any]]:
+        picture = answer.picture()
+        if picture is None:
+            return answer.summary()
+        data = base64.b64encode(preview_png(picture)).decode("ascii")
+        return [
+            dict(create_text_block(answer.summary())),
+            dict(create_image_block(base64=data, mime_type="image/png")),
+        ]
+
+    @staticmethod
+    def _artifact(answer: ToolAnswer) -> Any:
+        return answer
 
 
 class DualFocusAnswerTool(DualFocusTool):
     """The whole DualFocus pipeline; the artifact is the `FocusResult` with its full trace."""
 
-    name: str = "dualfocus_answer"
-    description: str = DESCRIPTIONS["dualfocus_answer"]
-    args_schema: ArgsSchema | None = ImageQuestionInput
+    spec: ClassVar[ToolSpec] = BY_NAME["dualfocus_answer"]
 
-    def _run(
-        self,
-        image: str,
-        question: str,
-        options: list[str] | None = None,
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, FocusResult]:
-        answer = self._invoke_step(
-            self.toolbox.dualfocus_answer, image, question, options, run_manager=run_manager
-        )
-        return answer.summary(), answer.result
+    @staticmethod
+    def _artifact(answer: ToolAnswer) -> Any:
+        assert isinstance(answer, PipelineAnswer)
+        return answer.result
 
 
 class GlobalAnswerTool(DualFocusTool):
     """The macro step: the answer from the whole image."""
 
-    name: str = "global_answer"
-    description: str = DESCRIPTIONS["global_answer"]
-    args_schema: ArgsSchema | None = ImageQuestionInput
-
-    def _run(
-        self,
-        image: str,
-        question: str,
-        options: list[str] | None = None,
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, GlobalAnswer]:
-        answer = self._invoke_step(
-            self.toolbox.global_answer, image, question, options, run_manager=run_manager
-        )
-        return answer.summary(), answer
+    spec: ClassVar[ToolSpec] = BY_NAME["global_answer"]
 
 
 class ZoomRegionTool(DualFocusTool):
     """The locate and zoom steps; the content carries the crop as a standard image block."""
 
-    name: str = "zoom_region"
-    description: str = DESCRIPTIONS["zoom_region"]
-    args_schema: ArgsSchema | None = ZoomInput
-
-    def _run(
-        self, image: str, question: str, run_manager: CallbackManagerForToolRun | None = None
-    ) -> tuple[str | list[dict], RegionAnswer]:
-        region = self._invoke_step(self.toolbox.zoom_region, image, question, run_manager=run_manager)
-        if region.crop is None:
-            return region.summary(), region
-        picture = base64.b64encode(preview_png(region.crop)).decode("ascii")
-        content = [
-            dict(create_text_block(region.summary())),
-            dict(create_image_block(base64=picture, mime_type="image/png")),
-        ]
-        return content, region
+    spec: ClassVar[ToolSpec] = BY_NAME["zoom_region"]
 
 
 class FocusedAnswerTool(DualFocusTool):
     """The micro step on a region given as a crop id or a box."""
 
-    name: str = "focused_answer"
-    description: str = DESCRIPTIONS["focused_answer"]
-    args_schema: ArgsSchema | None = FocusedInput
-
-    def _run(
-        self,
-        image: str,
-        question: str,
-        crop_id: str | None = None,
-        box: list[float] | None = None,
-        box_units: Literal["pixels", "fraction"] = "pixels",
-        options: list[str] | None = None,
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, FocusedAnswer]:
-        answer = self._invoke_step(
-            self.toolbox.focused_answer, image, question,
-            crop_id=crop_id, box=box, box_units=box_units, options=options, run_manager=run_manager,
-        )  # fmt: skip
-        return answer.summary(), answer
+    spec: ClassVar[ToolSpec] = BY_NAME["focused_answer"]
 
 
 class ArbitrateAnswersTool(DualFocusTool):
     """The perplexity vote among candidate answers in the zoomed context of a region."""
 
-    name: str = "arbitrate_answers"
-    description: str = DESCRIPTIONS["arbitrate_answers"]
-    args_schema: ArgsSchema | None = ArbitrateInput
-
-    def _run(
-        self,
-        image: str,
-        question: str,
-        candidates: list[str],
-        crop_id: str | None = None,
-        box: list[float] | None = None,
-        box_units: Literal["pixels", "fraction"] = "pixels",
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, ArbitrationAnswer]:
-        answer = self._invoke_step(
-            self.toolbox.arbitrate_answers, image, question, candidates,
-            crop_id=crop_id, box=box, box_units=box_units, run_manager=run_manager,
-        )  # fmt: skip
-        return answer.summary(), answer
+    spec: ClassVar[ToolSpec] = BY_NAME["arbitrate_answers"]
 
 
 class RecallVisualQATool(DualFocusTool):
-    """Similar past questions and answers from the toolbox's memory."""
+    """Similar past questions and answers from the engine's memory."""
 
-    name: str = "recall_visual_qa"
-    description: str = DESCRIPTIONS["recall_visual_qa"]
-    args_schema: ArgsSchema | None = RecallInput
+    spec: ClassVar[ToolSpec] = BY_NAME["recall_visual_qa"]
 
-    def _run(
-        self,
-        question: str,
-        image: str | None = None,
-        k: int = 5,
-    ) -> tuple[str, RecallAnswer]:
-        try:
-            answer = self.toolbox.recall_visual_qa(question, image, k)
-        except PLANNER_ERRORS as exc:
-            raise ToolException(str(exc)) from None
-        return answer.summary(), answer
 
+TOOL_CLASSES: dict[str, type[DualFocusTool]] = {
+    cls.spec.name: cls
+    for cls in (
+        DualFocusAnswerTool, GlobalAnswerTool, ZoomRegionTool, FocusedAnswerTool, ArbitrateAnswersTool,
+        RecallVisualQATool,
+    )
+}  # fmt: skip
 
 __all__ = [
+    "TOOL_CLASSES",
     "ArbitrateAnswersTool",
-    "ArbitrateInput",
     "ChildRunObserver",
     "DualFocusAnswerTool",
     "DualFocusTool",
     "FocusedAnswerTool",
-    "FocusedInput",
     "GlobalAnswerTool",
-    "ImageQuestionInput",
-    "RecallInput",
     "RecallVisualQATool",
-    "ZoomInput",
     "ZoomRegionTool",
-    "explain_validation_error",
 ]

@@ -1,4 +1,4 @@
-"""`DualFocusToolkit`: one engine, one image registry and optionally one memory, shared by every tool."""
+"""`DualFocusToolkit`: one engine (with its memory, if any) and one image registry, shared by every tool."""
 
 from __future__ import annotations
 
@@ -8,30 +8,24 @@ from typing import Any
 
 from langchain_core.tools import BaseTool, BaseToolkit
 from PIL import Image
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from df_agent.agents.operations import Toolbox
 from df_agent.agents.registry import ImageRegistry
+from df_agent.agents.specs import offered_specs
 from df_agent.engine import DualFocus
-from df_agent.tools.dualfocus_tools import (
-    ArbitrateAnswersTool,
-    DualFocusAnswerTool,
-    FocusedAnswerTool,
-    GlobalAnswerTool,
-    RecallVisualQATool,
-    ZoomRegionTool,
-)
+from df_agent.tools.dualfocus_tools import TOOL_CLASSES
 
 
 class DualFocusToolkit(BaseToolkit):
-    """The DualFocus tools for a LangChain agent, all on one engine, one registry and one memory.
+    """The DualFocus tools for a LangChain agent, all on one engine and one image registry.
+
+    The memory is the engine's (``DualFocus(backend, memory=memory)``): `dualfocus_answer` answers
+    exact repeats from it and logs to it, and `recall_visual_qa` is offered only when there is one.
 
     Attributes:
         engine: The DualFocus engine every tool runs on.
         registry: Image ids and reference rules; default: no file paths, no URLs.
-        memory: A visual Q&A memory (`df_agent.memory.VisualQAMemory`; default: the engine's):
-            `dualfocus_answer` answers exact repeats from it and logs to it, and `recall_visual_qa`
-            is offered only when there is one.
 
     Example::
 
@@ -40,16 +34,25 @@ class DualFocusToolkit(BaseToolkit):
         agent = create_agent(chat_model, toolkit.get_tools())
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     engine: DualFocus
     registry: ImageRegistry = Field(default_factory=ImageRegistry)
-    memory: Any = None
     _toolbox: Toolbox = PrivateAttr()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _memory_belongs_to_the_engine(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "memory" in data:
+            raise ValueError(
+                "DualFocusToolkit takes no memory: give it to the engine, DualFocus(backend, memory=memory) "
+                "or DualFocusToolkit.from_pretrained(memory=memory)"
+            )
+        return data
 
     def model_post_init(self, context: Any, /) -> None:
         """Build the toolbox the tools share."""
-        self._toolbox = Toolbox(self.engine, self.registry, self.memory)
+        self._toolbox = Toolbox(self.engine, self.registry)
 
     @classmethod
     def from_pretrained(
@@ -68,13 +71,13 @@ class DualFocusToolkit(BaseToolkit):
             path_or_id: A local folder or hub id; None for the shipped model.
             allowed_roots: Folders planners may name files in (none by default).
             allow_urls: Let planners pass http(s) URLs.
-            memory: A visual Q&A memory to log to and recall from.
+            memory: A visual Q&A memory (`df_agent.memory.VisualQAMemory`) for the engine to log to
+                and the tools to recall from.
             device: "cpu", "cuda", ...; default cuda when present.
             **engine_kwargs: Passed to `DualFocus.from_pretrained` (dtype, margin, arbitration, ...).
         """
-        engine = DualFocus.from_pretrained(path_or_id, device=device, **engine_kwargs)
-        registry = ImageRegistry(allowed_roots, allow_urls=allow_urls)
-        return cls(engine=engine, registry=registry, memory=memory)
+        engine = DualFocus.from_pretrained(path_or_id, device=device, memory=memory, **engine_kwargs)
+        return cls(engine=engine, registry=ImageRegistry(allowed_roots, allow_urls=allow_urls))
 
     @property
     def toolbox(self) -> Toolbox:
@@ -88,22 +91,13 @@ class DualFocusToolkit(BaseToolkit):
         return self.registry.register(image, image_id)
 
     def get_tools(self) -> list[BaseTool]:
-        """The tools, sharing this toolkit's engine, registry and memory.
+        """The tools, sharing this toolkit's engine and registry.
 
         Returns:
             dualfocus_answer, global_answer, zoom_region, focused_answer, arbitrate_answers, and
-            recall_visual_qa when there is a memory.
+            recall_visual_qa when the engine has a searchable memory.
         """
-        tools: list[type[BaseTool]] = [
-            DualFocusAnswerTool,
-            GlobalAnswerTool,
-            ZoomRegionTool,
-            FocusedAnswerTool,
-            ArbitrateAnswersTool,
-        ]
-        if self._toolbox.memory is not None:
-            tools.append(RecallVisualQATool)
-        return [tool(toolbox=self._toolbox) for tool in tools]
+        return [TOOL_CLASSES[spec.name](toolbox=self._toolbox) for spec in offered_specs(self._toolbox)]
 
 
 __all__ = ["DualFocusToolkit"]

@@ -1,36 +1,29 @@
 """Serve the DualFocus tools over MCP (stdio by default, streamable HTTP with --http PORT).
 
-The same operations as the LangChain toolkit (`df_agent.agents.operations`), with the same image-reference
-rules: image ids, data URIs, paths only under ``--allow-root`` folders, URLs only with
+The tools are built from the same specs as the LangChain toolkit (`df_agent.agents.specs`): each
+tool's input schema is its spec's input model, and its arguments are validated by that model, so a
+bad argument gets the same message as through LangChain. The image-reference rules are the
+registry's: image ids, data URIs, paths only under ``--allow-root`` folders, URLs only with
 ``--allow-urls``. `zoom_region` returns the crop as an MCP image; every tool also returns its full
-result as structured content. A planner's mistake comes back as a tool error whose message says what
-to fix; other failures are masked. Needs the ``mcp`` extra (fastmcp).
+result as structured content. Each engine step is reported to the client as a progress notification
+(when the client sent a progress token). A planner's mistake comes back as a tool error
+whose message says what to fix; other failures are masked. Needs the ``mcp`` extra (fastmcp).
 """
 
-import argparse
-import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from __future__ import annotations
 
-from df_agent.agents.operations import (
-    DESCRIPTIONS,
-    PLANNER_ERRORS,
-    BoxArg,
-    BoxUnitsArg,
-    CandidatesArg,
-    CropIdArg,
-    ImageArg,
-    OptionsArg,
-    QuestionArg,
-    RecallImageArg,
-    RecallKArg,
-    RecallQuestionArg,
-    Toolbox,
-    preview_png,
-)
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from df_agent.agents.errors import PlannerError
+from df_agent.agents.operations import Toolbox
+from df_agent.agents.specs import ToolSpec, offered_specs
 
 if TYPE_CHECKING:
-    from fastmcp import FastMCP
+    from fastmcp import Context, FastMCP
+    from fastmcp.tools import Tool
 
 INSTRUCTIONS = (
     "DualFocus answers questions about images by looking at the whole picture, then zooming into the "
@@ -38,95 +31,88 @@ INSTRUCTIONS = (
     "global_answer, zoom_region (returns the crop and a crop id), focused_answer, arbitrate_answers. "
     "Images are image ids, base64 data URIs, or paths the server allows."
 )
-_Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
-def build_server(toolbox: Toolbox, *, name: str = "df-agent") -> "FastMCP":
+class _ProgressStep:
+    def __init__(self, observer: ProgressObserver, step: str) -> None:
+        self._observer, self._step = observer, step
+
+    def end(self, outputs: dict[str, Any], seconds: float) -> None:
+        self._observer.finished(self._step, f"{self._step} done in {seconds:.2f} s")
+
+    def fail(self, error: BaseException, seconds: float) -> None:
+        self._observer.finished(self._step, f"{self._step} failed after {seconds:.2f} s")
+
+
+class ProgressObserver:
+    """A step observer, run in a worker thread, that tells the MCP client about each finished step.
+
+    Each step becomes a progress notification (progress = steps finished so far, message = the step
+    and its seconds), sent through the request's context on the event loop.
+
+    Args:
+        context: The request's fastmcp `Context`.
+    """
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self.steps = 0
+
+    def start(self, step: str, inputs: dict[str, Any]) -> _ProgressStep:
+        """Track `step`."""
+        return _ProgressStep(self, step)
+
+    def finished(self, step: str, message: str) -> None:
+        """Send `message` about `step` to the client."""
+        import anyio.from_thread
+
+        self.steps += 1
+        anyio.from_thread.run(self._context.report_progress, self.steps, None, message)
+
+
+def spec_tool(spec: ToolSpec, toolbox: Toolbox) -> Tool:
+    """The MCP tool of `spec` over `toolbox`: the spec's input model is its schema and its validator."""
+    import anyio.to_thread
+    from fastmcp.exceptions import ToolError
+    from fastmcp.server.dependencies import get_context
+    from fastmcp.tools import Tool, ToolResult
+    from fastmcp.utilities.types import Image
+
+    from df_agent.agents.answers import preview_png
+
+    class SpecTool(Tool):
+        async def run(self, arguments: dict[str, Any]) -> ToolResult:
+            try:
+                args = spec.parse(arguments)
+            except ValidationError as exc:
+                raise ToolError(spec.explain(exc)) from None
+            observer = ProgressObserver(get_context())
+            try:
+                answer = await anyio.to_thread.run_sync(spec.call, toolbox, args, observer)
+            except PlannerError as exc:
+                raise ToolError(str(exc)) from None
+            content: Any = answer.summary()
+            picture = answer.picture()
+            if picture is not None:
+                content = [content, Image(data=preview_png(picture), format="png")]
+            return ToolResult(content=content, structured_content=answer.model_dump(mode="json"))
+
+    return SpecTool(name=spec.name, description=spec.description, parameters=spec.input.model_json_schema())
+
+
+def build_server(toolbox: Toolbox, *, name: str = "df-agent") -> FastMCP:
     """An MCP server offering the toolbox's operations as tools.
 
     Args:
-        toolbox: The engine, image registry and (optional) memory the tools work on;
-            `recall_visual_qa` is offered only when it has a memory.
+        toolbox: The engine (with its memory, if any) and image registry the tools work on;
+            `recall_visual_qa` is offered only when the engine has a searchable memory.
         name: The server's name.
     """
     from fastmcp import FastMCP
-    from fastmcp.exceptions import ToolError
-    from fastmcp.tools import ToolResult
-    from fastmcp.utilities.types import Image
 
     server = FastMCP(name, instructions=INSTRUCTIONS, mask_error_details=True)
-
-    def tool(function: _Function) -> _Function:
-        """Register `function` under its name and description; planner errors become tool errors."""
-
-        @functools.wraps(function)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return function(*args, **kwargs)
-            except PLANNER_ERRORS as exc:
-                raise ToolError(str(exc)) from None
-
-        server.tool(call, name=function.__name__, description=DESCRIPTIONS[function.__name__])
-        return function
-
-    def result(answer: Any, content: Any = None) -> ToolResult:
-        return ToolResult(
-            content=content or answer.summary(), structured_content=answer.model_dump(mode="json")
-        )
-
-    @tool
-    def dualfocus_answer(image: ImageArg, question: QuestionArg, options: OptionsArg = None) -> ToolResult:
-        return result(toolbox.dualfocus_answer(image, question, options))
-
-    @tool
-    def global_answer(image: ImageArg, question: QuestionArg, options: OptionsArg = None) -> ToolResult:
-        return result(toolbox.global_answer(image, question, options))
-
-    @tool
-    def zoom_region(image: ImageArg, question: QuestionArg) -> ToolResult:
-        region = toolbox.zoom_region(image, question)
-        if region.crop is None:
-            return result(region)
-        return result(region, [region.summary(), Image(data=preview_png(region.crop), format="png")])
-
-    @tool
-    def focused_answer(
-        image: ImageArg,
-        question: QuestionArg,
-        crop_id: CropIdArg = None,
-        box: BoxArg = None,
-        box_units: BoxUnitsArg = "pixels",
-        options: OptionsArg = None,
-    ) -> ToolResult:
-        return result(
-            toolbox.focused_answer(
-                image, question, crop_id=crop_id, box=box, box_units=box_units, options=options
-            )
-        )
-
-    @tool
-    def arbitrate_answers(
-        image: ImageArg,
-        question: QuestionArg,
-        candidates: CandidatesArg,
-        crop_id: CropIdArg = None,
-        box: BoxArg = None,
-        box_units: BoxUnitsArg = "pixels",
-    ) -> ToolResult:
-        return result(
-            toolbox.arbitrate_answers(
-                image, question, candidates, crop_id=crop_id, box=box, box_units=box_units
-            )
-        )
-
-    if toolbox.memory is not None:
-
-        @tool
-        def recall_visual_qa(
-            question: RecallQuestionArg, image: RecallImageArg = None, k: RecallKArg = 5
-        ) -> ToolResult:
-            return result(toolbox.recall_visual_qa(question, image, k))
-
+    for spec in offered_specs(toolbox):
+        server.add_tool(spec_tool(spec, toolbox))
     return server
 
 
@@ -164,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
         from df_agent.memory import VisualQAMemory
 
         memory = VisualQAMemory(args.memory)
-    engine = DualFocus.from_pretrained(args.model, device=args.device)
-    server = build_server(Toolbox(engine, registry, memory))
+    engine = DualFocus.from_pretrained(args.model, device=args.device, memory=memory)
+    server = build_server(Toolbox(engine, registry))
     if args.http is None:
         server.run(transport="stdio", show_banner=False)
     else:
@@ -173,4 +159,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["INSTRUCTIONS", "add_arguments", "build_server", "run"]
+__all__ = ["INSTRUCTIONS", "ProgressObserver", "add_arguments", "build_server", "run", "spec_tool"]

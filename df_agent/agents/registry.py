@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
 
+from df_agent.agents.errors import ImageReferenceError
 from df_agent.boxes import Box
 from df_agent.images import DEFAULT_MAX_PIXELS, ImageError, decode_data_uri, image_hash, load_image
 
@@ -35,10 +36,6 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SHOWN_IDS = 10
-
-
-class ImageReferenceError(ValueError):
-    """An image reference could not be resolved; the message says why and what to pass instead."""
 
 
 @dataclass(frozen=True)
