@@ -23,6 +23,7 @@ from df_agent.images import image_hash
 from df_agent.memory import MemoryRecord, MemoryUnavailableError, RetryPolicy, VisualQAMemory, repeat_key
 from df_agent.memory.embeddings import EmbedderError, HashingEmbedder, HFEmbedder
 from df_agent.memory.journal import Journal, read_lines
+from df_agent.memory.retriever import memory_retriever
 from df_agent.results import FocusResult
 
 IMAGE = "ab" * 32
@@ -358,7 +359,7 @@ def test_retriever_plugs_into_langchain(memory: VisualQAMemory) -> None:
 
     record_id = memory.log(answer("What animal is on the sofa?", "a cat", box=Box(x1=1, y1=2, x2=3, y2=4)))
     memory.log(answer("Is it raining?", "no"))
-    retriever = memory.as_retriever(k=1)
+    retriever = memory_retriever(memory, k=1)
     assert isinstance(retriever, BaseRetriever)
     [document] = retriever.invoke("animal on the sofa")
     assert isinstance(document, Document)

@@ -1,4 +1,4 @@
-"""Search, count and export the visual Q&A memory (`df-agent memory search|stats|export`)."""
+"""Search, count, check and export the visual Q&A memory (`df-agent memory search|stats|check|export`)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from df_agent.memory.store import (
-    DEFAULT_COLLECTION,
-    MemoryUnavailableError,
-    Recollection,
-    VisualQAMemory,
-    default_path,
-)
+from df_agent.memory.records import MemoryUnavailableError, Recollection
+from df_agent.memory.store import DEFAULT_COLLECTION, VisualQAMemory, default_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--json", action="store_true", help="one JSON object per line")
     stats = actions.add_parser("stats", parents=[common], help="where the memory is and what it holds")
     stats.add_argument("--json", action="store_true", help="print the stats as JSON")
+    check = actions.add_parser(
+        "check", parents=[common], help="search for every record with its own vector; report hidden ones"
+    )
+    check.add_argument("--repair", action="store_true", help="write unreachable records again")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
     export = actions.add_parser("export", parents=[common], help="write every record to a JSONL file")
     export.add_argument("out", metavar="OUT.jsonl", help="the file to write")
 
@@ -68,6 +68,18 @@ def _stats(memory: VisualQAMemory, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(memory: VisualQAMemory, args: argparse.Namespace) -> int:
+    """0 when every record is reachable by search after the check; 1 otherwise."""
+    report = memory.check(repair=args.repair)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print(report.summary())
+        for hidden in report.unreachable:
+            print(f"unreachable: {hidden}{' (repaired)' if hidden in report.repaired else ''}")
+    return 1 if report.still_unreachable else 0
+
+
 def _export(memory: VisualQAMemory, args: argparse.Namespace) -> int:
     count = memory.export(args.out)
     print(f"wrote {count} records to {args.out}", file=sys.stderr)
@@ -77,10 +89,11 @@ def _export(memory: VisualQAMemory, args: argparse.Namespace) -> int:
 def _line(found: Recollection) -> str:
     result = found.record.result
     when = f"{result.created_at:%Y-%m-%d %H:%M}"
-    where = f"{result.model_id}, {result.mode}, image {result.image_hash[:12]}, {when}"
+    image = found.record.image_name or result.image_hash[:12]
+    where = f"{result.model_id}, {result.mode}, image {image}, {when}"
     return f"{found.distance:.3f}  {result.question!r} -> {result.answer!r}  [{where}]"
 
 
-_ACTIONS = {"search": _search, "stats": _stats, "export": _export}
+_ACTIONS = {"search": _search, "stats": _stats, "check": _check, "export": _export}
 
 __all__ = ["add_arguments", "run"]

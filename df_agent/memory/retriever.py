@@ -9,14 +9,16 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
-from df_agent.memory.store import Recollection, VisualQAMemory
+from df_agent.memory.records import Recollection
+from df_agent.memory.store import VisualQAMemory
 
 
 class MemoryRetriever(BaseRetriever):
     """Past questions and answers closest in meaning to the query, as LangChain documents.
 
     Each document's text is the question and the answer; its metadata holds the record id, the
-    cosine distance, the image hash, the model, the mode, the path, the box and the time.
+    cosine distance, the image hash (and file name, if logged), the model, the mode, the path,
+    the box and the time.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -29,6 +31,11 @@ class MemoryRetriever(BaseRetriever):
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun
     ) -> list[Document]:
         return [to_document(found) for found in self.memory.recall(query, image=self.image, k=self.k)]
+
+
+def memory_retriever(memory: VisualQAMemory, k: int = 4, image: str | None = None) -> MemoryRetriever:
+    """A LangChain retriever over `memory`: the `k` closest records, optionally about one image (hash)."""
+    return MemoryRetriever(memory=memory, k=k, image=image)
 
 
 def to_document(found: Recollection) -> Document:
@@ -45,8 +52,9 @@ def to_document(found: Recollection) -> Document:
         "path": result.path,
         "box": None if result.box is None else list(result.box.as_tuple()),
         "created_at": result.created_at.isoformat(),
+        "image_name": found.record.image_name,
     }
     return Document(page_content=found.record.document, metadata=metadata, id=found.record.id)
 
 
-__all__ = ["MemoryRetriever", "to_document"]
+__all__ = ["MemoryRetriever", "memory_retriever", "to_document"]

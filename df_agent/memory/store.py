@@ -12,16 +12,19 @@ the store stays unreachable the records wait in the journal; they are written on
 successful connection, by this process or, if it died, by the next one to connect. A record's id
 is derived from what was asked (`record_id`), so writing it twice stores it once.
 
-Chroma is imported only here, when a memory first connects. Vectors are computed by our own
-embedder (`df_agent.memory.embeddings`) and passed to Chroma, which never runs an embedding function of
-its own; the embedder's config is kept in the collection's metadata, so a reopened memory
-embeds queries the same way.
+Chroma is imported only here (no other module of the package does), when a memory first
+connects. Vectors are computed by our own embedder (`df_agent.memory.embeddings`) and passed
+to Chroma, which never runs an embedding function of its own; the embedder's config is kept in
+the collection's metadata, so a reopened memory embeds queries the same way.
+
+Chroma's HNSW index can leave a record that `get` returns unreachable by any search
+(chroma-core/chroma#7758), so every batch written is searched for, record by record, with its
+own vector, and what does not come back is written again (`VisualQAMemory.check`).
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import itertools
 import json
 import logging
@@ -38,16 +41,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
 from df_agent.images import image_hash, load_image
 from df_agent.memory.embeddings import Embedder, EmbedderError, HFEmbedder, embedder_from_config
 from df_agent.memory.journal import Journal, replay
+from df_agent.memory.records import (
+    CheckReport,
+    MemoryBusyError,
+    MemoryRecord,
+    MemoryStats,
+    MemoryUnavailableError,
+    Recollection,
+    RetryPolicy,
+    record_id,
+    repeat_key,
+)
 from df_agent.results import ArbitrationMethod, FocusResult, Mode
 
 if TYPE_CHECKING:
-    from langchain_core.retrievers import BaseRetriever
     from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -55,87 +67,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_COLLECTION = "df-agent-memory"
 EMBEDDER_KEY = "df_agent_embedder"
 BATCH_SIZE = 256
+CHECK_DEPTH = 10  # a record counts as reachable if a search with its own vector returns it in the top 10
+CHECK_PAGE = 1000  # records per page when `check` goes through a whole store
+TIE = 1e-6  # cosine distance under which two vectors count as the same
 _COLLECTION_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 _IMAGE_HASH = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
-
-
-class MemoryUnavailableError(RuntimeError):
-    """The store could not be reached (after retries); records already logged are safe in the journal."""
-
-
-class RetryPolicy(BaseModel):
-    """How hard the memory tries to reach the store.
-
-    Attributes:
-        attempts: Tries per operation before it gives up (transient errors only).
-        initial: First backoff in seconds; it doubles up to `maximum`, plus a random jitter of
-            up to `initial`.
-        maximum: Longest single backoff in seconds.
-        pause: After a background write gives up, seconds before the next round of tries.
-    """
-
-    attempts: int = Field(default=5, ge=1)
-    initial: float = Field(default=0.1, gt=0)
-    maximum: float = Field(default=2.0, gt=0)
-    pause: float = Field(default=5.0, gt=0)
-
-
-class MemoryRecord(BaseModel):
-    """One logged answer: the full trace, the text that was embedded, and its ids."""
-
-    id: str = Field(description="One id per distinct asking (see `record_id`): writing it twice is harmless.")
-    key: str = Field(description="Exact-repeat key: image hash, question, options, model id, mode.")
-    document: str = Field(description="The text embedded for recall: the question and the answer.")
-    result: FocusResult
-
-    @classmethod
-    def from_result(cls, result: FocusResult) -> MemoryRecord:
-        """The record of `result` (its crop image is not kept)."""
-        key = repeat_key(result.image_hash, result.question, result.model_id, result.mode, result.options)
-        return cls(id=record_id(key, result.arbitration), key=key, document=_document(result), result=result)
-
-
-class Recollection(BaseModel):
-    """A record found by `recall` and its cosine distance to the query (0 = same direction)."""
-
-    record: MemoryRecord
-    distance: float
-
-
-class MemoryStats(BaseModel):
-    """What `VisualQAMemory.stats` reports."""
-
-    location: str = Field(description="The store: a folder, a server URL, or 'client'.")
-    collection: str
-    records: int = Field(description="Records in the store.")
-    pending: int = Field(description="Records this process logged that are not in the store yet.")
-    orphaned_journals: int = Field(description="Journal files left by processes that died, to replay.")
-    embedder: dict[str, Any]
-    journal: str = Field(description="The folder of the local journals.")
-    last_error: str | None = None
-
-
-def repeat_key(
-    image_hash: str, question: str, model_id: str, mode: str, options: Sequence[str] | None = None
-) -> str:
-    """The key two askings share when one is an exact repeat of the other.
-
-    The question's whitespace is normalised; case and wording are not.
-    """
-    parts = [image_hash, " ".join(question.split()), model_id, mode, list(options) if options else None]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
-
-
-def record_id(key: str, arbitration: str | None) -> str:
-    """The id of the record of an asking: its `repeat_key` and the vote method that decided it.
-
-    One record per distinct asking: logging the same asking again (a retry, a replay, or the
-    model run again with ``use_memory=False``) replaces it, so an exact repeat is idempotent.
-    Answers decided by different vote methods are different askings; an answer that needed no
-    vote (``arbitration`` None) is valid for every method.
-    """
-    return hashlib.sha256(f"{key}|{arbitration or 'no vote'}".encode()).hexdigest()[:32]
 
 
 class VisualQAMemory:
@@ -157,6 +94,15 @@ class VisualQAMemory:
         batch_delay: Seconds the background writer waits to gather records into one write
             (each write has a fixed cost and, embedded, holds the GIL). Reads in this process
             never see the delay: they write what is pending first.
+        read_timeout: Seconds a read (`count`, `recall`, `records`, `stats`, ...) waits for the
+            records this process logged to reach the store. Past it, a read raises
+            `MemoryBusyError` if the store is answering but still writing, or
+            `MemoryUnavailableError` if it cannot be reached.
+
+    Every batch written is checked: each new record must come back from a search with its own
+    vector (Chroma's HNSW index can leave records that `get` returns but no search finds,
+    chroma-core/chroma#7758); a record that does not is written again. The newest records are
+    checked the same way when a store is opened, and `check` checks a whole store.
     """
 
     def __init__(
@@ -169,6 +115,7 @@ class VisualQAMemory:
         journal_dir: str | PathLike | None = None,
         retry: RetryPolicy | None = None,
         batch_delay: float = 5.0,
+        read_timeout: float = 30.0,
     ) -> None:
         if path is not None and client is not None:
             raise ValueError("pass either path (a folder or a server URL) or client, not both")
@@ -186,6 +133,9 @@ class VisualQAMemory:
         if batch_delay < 0:
             raise ValueError(f"batch_delay must be >= 0, not {batch_delay}")
         self.batch_delay = batch_delay
+        if read_timeout < 0:
+            raise ValueError(f"read_timeout must be >= 0, not {read_timeout}")
+        self.read_timeout = read_timeout
         self._client = client
         self._server: tuple[str, int, bool] | None = None
         self._folder: Path | None = None
@@ -222,7 +172,10 @@ class VisualQAMemory:
         self._cond = threading.Condition()
         self._pending: dict[str, MemoryRecord] = {}
         self._acknowledged = 0
-        self._last_error: BaseException | None = None
+        self._last_error: BaseException | None = None  # the last background write's failure
+        self._trouble: BaseException | None = None  # a transient error seen by a call still retrying
+        self._stored = 0  # records this process has written to the store
+        self._tail_due = True  # check the newest records once per connection
         self._writer: threading.Thread | None = None
         self._urgent = 0  # flush() calls waiting: write now, without gathering a batch
         self._since = 0.0  # when the oldest pending record was queued (time.monotonic)
@@ -232,12 +185,17 @@ class VisualQAMemory:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def log(self, result: FocusResult) -> str:
+    def log(self, result: FocusResult, *, image_name: str | None = None) -> str:
         """Record one answer; returns its id once the record is durable.
 
         The record is fsync'd to the local journal before this returns, and reaches the store
         moments later (see `flush`). A result answered from memory (``cached``) is already
         there: its id is returned and nothing is written.
+
+        Args:
+            result: The answer, as `DualFocus.ask` returned it.
+            image_name: The image's file name (or any short label) to show with the record in
+                searches; it is not part of the record's id.
 
         Raises:
             TypeError: If `result` is not a `FocusResult`.
@@ -245,9 +203,11 @@ class VisualQAMemory:
         """
         if not isinstance(result, FocusResult):
             raise TypeError(f"log takes a FocusResult, not {type(result).__name__}")
+        if image_name is not None and not isinstance(image_name, str):
+            raise TypeError(f"image_name must be a string, not {type(image_name).__name__}")
         if self._closed:
             raise RuntimeError("this memory is closed")
-        record = MemoryRecord.from_result(result.model_copy(update={"cached": False}))
+        record = MemoryRecord.from_result(result.model_copy(update={"cached": False}), image_name)
         if result.cached:
             return record.id
         line = record.model_dump_json()
@@ -286,25 +246,40 @@ class VisualQAMemory:
         """Wait until every record this process logged is in the store.
 
         Raises:
-            MemoryUnavailableError: If they are not there after `timeout` seconds (they stay in
-                the journal and are written later).
+            MemoryBusyError: If they are not all there after `timeout` seconds while the store
+                answers (the writer is still busy with them).
+            MemoryUnavailableError: If they are not there after `timeout` seconds because the
+                store cannot be reached. Either way they stay in the journal and are written later.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._urgent += 1
             self._cond.notify_all()
+            stored_before = self._stored
             try:
                 while self._pending:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
-                        raise MemoryUnavailableError(
-                            f"{len(self._pending)} logged records are not in the store at {self.location} "
-                            f"yet; they are safe in the journal {self._journal.path} and will be written "
-                            f"when the store is reachable (last error: {self._last_error!r})"
-                        )
+                        raise self._not_yet(timeout, self._stored - stored_before)
                     self._cond.wait(remaining)
             finally:
                 self._urgent -= 1
+
+    def _not_yet(self, waited: float | None, progress: int) -> MemoryUnavailableError:
+        """The error for records still pending after a wait (holding _cond): busy or unreachable."""
+        where = f"they are safe in the journal {self._journal.path}"
+        error = self._last_error or self._trouble
+        if error is not None:
+            return MemoryUnavailableError(
+                f"the memory store at {self.location} is unreachable: {len(self._pending)} logged records "
+                f"are not in it yet; {where} and will be written when the store is reachable "
+                f"(last error: {error!r})"
+            )
+        return MemoryBusyError(
+            f"the memory store at {self.location} is busy: {len(self._pending)} logged records are still "
+            f"being written ({progress} written during the {waited:g} s waited, no error); {where}. "
+            "Wait longer (read_timeout, flush(timeout=...)) or try again later"
+        )
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush (up to `timeout` seconds), stop the writer and close the journal.
@@ -358,6 +333,7 @@ class VisualQAMemory:
                     if self._pending.get(record.id) is record:
                         del self._pending[record.id]
                 self._last_error = None
+                self._stored += len(batch)
                 self._retry_at = 0.0
                 self._since = -math.inf  # records left over are a backlog: write them at once
                 if not self._pending:
@@ -365,8 +341,9 @@ class VisualQAMemory:
                 self._cond.notify_all()
             try:
                 self._replay_orphans()
+                self._check_tail()
             except Exception as exc:  # the orphans stay on disk for the next try
-                logger.warning("could not replay orphaned memory journals yet: %r", exc)
+                logger.warning("could not replay orphaned memory journals or check the store yet: %r", exc)
 
     def _next_batch(self) -> list[MemoryRecord] | None:
         """Wait (holding _cond) until a batch is due; None once the memory is closed."""
@@ -385,7 +362,11 @@ class VisualQAMemory:
                 return list(self._pending.values())[:BATCH_SIZE]
 
     def _store(self, records: Sequence[MemoryRecord]) -> None:
-        """Embed and upsert records, in batches (idempotent: ids are stable)."""
+        """Embed and upsert records in batches (idempotent: ids are stable), each batch checked.
+
+        The caller still holds the records elsewhere (the journal, an import's source) until
+        this returns, so a repair may remove and add a record again.
+        """
         for start in range(0, len(records), BATCH_SIZE):
             chunk = records[start : start + BATCH_SIZE]
             payload = {
@@ -395,11 +376,88 @@ class VisualQAMemory:
                 "metadatas": [_metadata(record) for record in chunk],
             }
             self._call(partial(self._upsert, payload=payload))
+            missing = self._call(partial(_unreachable, ids=payload["ids"], vectors=payload["embeddings"]))
+            if missing:
+                self._repair(_select(payload, missing))
 
     def _upsert(self, collection: Any, payload: dict[str, list[Any]]) -> None:
         """One upsert; across processes on one folder, under the folder's write lock."""
         with self._write_lock, self._file_lock or nullcontext():
             collection.upsert(**payload)
+
+    def _repair(self, payload: dict[str, list[Any]]) -> list[str]:
+        """Make records no search finds findable again; returns the ids that are, now.
+
+        An upsert of the same vector first (harmless); for what that leaves unreachable, remove
+        and add the records again, which links them into the index as new entries. The caller
+        keeps the records elsewhere until this returns.
+        """
+        ids = payload["ids"]
+        logger.warning(
+            "%d records in the memory store %s were unreachable by search; repairing", 
+            len(ids), self,
+        )  # fmt: skip
+        self._call(partial(self._upsert, payload=payload))
+        missing = self._call(partial(_unreachable, ids=ids, vectors=payload["embeddings"]))
+        if missing:
+            again = _select(payload, missing)
+            self._call(partial(self._reinsert, payload=again))
+            missing = self._call(partial(_unreachable, ids=again["ids"], vectors=again["embeddings"]))
+        if missing:
+            logger.error(
+                "%d records in the memory store %s stay unreachable by search after repair: %s",
+                len(missing), self, [ids[i] for i in missing],
+            )  # fmt: skip
+        lost = {ids[i] for i in missing}
+        return [found for found in ids if found not in lost]
+
+    def _reinsert(self, collection: Any, payload: dict[str, list[Any]]) -> None:
+        with self._write_lock, self._file_lock or nullcontext():
+            collection.delete(ids=payload["ids"])
+            collection.add(**payload)
+
+    def _check_stored(self, collection: Any, offset: int, limit: int, repair: bool) -> tuple[int, list, list]:
+        """Check one page of stored records: (how many, unreachable ids, repaired ids)."""
+        page = collection.get(limit=limit, offset=offset, include=["embeddings", "documents", "metadatas"])
+        if not page["ids"]:
+            return 0, [], []
+        payload = {
+            "ids": list(page["ids"]),
+            "embeddings": [list(map(float, vector)) for vector in page["embeddings"]],
+            "documents": list(page["documents"]),
+            "metadatas": list(page["metadatas"]),
+        }
+        missing = _unreachable(collection, payload["ids"], payload["embeddings"])
+        unreachable = [payload["ids"][i] for i in missing]
+        if not missing or not repair:
+            return len(payload["ids"]), unreachable, []
+        broken = _select(payload, missing)
+        # A repair may remove and add a record: journal it first, so a crash in between loses nothing.
+        journal = Journal(self._journal.folder)
+        try:
+            for record in _unpack(broken):
+                journal.append(record.model_dump_json())
+            repaired = self._repair(broken)
+            journal.truncate_if(journal.written)
+        finally:
+            journal.close()
+        return len(payload["ids"]), unreachable, repaired
+
+    def _check_tail(self) -> None:
+        """Once per connection: check the newest records in the store and repair what is hidden."""
+        if not self._tail_due:
+            return
+        self._tail_due = False
+        total = self._call(lambda collection: collection.count())
+        start = max(total - BATCH_SIZE, 0)
+        _, unreachable, repaired = self._call(
+            partial(self._check_stored, offset=start, limit=BATCH_SIZE, repair=True)
+        )
+        if unreachable:
+            logger.warning(
+                "opening %s: %d of the newest %d records were unreachable by search, %d repaired",
+                self, len(unreachable), total - start, len(repaired),
+            )  # fmt: skip
 
     def _replay_orphans(self) -> None:
         """Write the records of journals left by processes that died (once per connection)."""
@@ -417,9 +475,44 @@ class VisualQAMemory:
     # -- reading -------------------------------------------------------------------------------
 
     def count(self) -> int:
-        """How many records the store holds, after writing this process's pending ones."""
+        """How many records the store holds, after writing this process's pending ones.
+
+        Raises:
+            MemoryBusyError: If this process's records are still being written after `read_timeout`.
+            MemoryUnavailableError: If the store cannot be reached.
+        """
         self._sync()
         return self._call(lambda collection: collection.count())
+
+    def check(self, repair: bool = False, page_size: int = CHECK_PAGE) -> CheckReport:
+        """Search for every record with its own vector; report (and with `repair`, fix) what is hidden.
+
+        A record is reachable when a search with its stored vector returns it among the
+        nearest few (or ties it at distance 0 with records that fill them). Repair writes a
+        hidden record again, journaled first so a crash in the middle loses nothing.
+
+        Args:
+            repair: Write unreachable records again, then search for them once more.
+            page_size: Records read and searched for at a time.
+        """
+        started = time.monotonic()
+        self._sync()
+        checked, unreachable, repaired = 0, [], []
+        for offset in itertools.count(0, page_size):
+            count, missing, fixed = self._call(
+                partial(self._check_stored, offset=offset, limit=page_size, repair=repair)
+            )
+            checked, unreachable, repaired = checked + count, unreachable + missing, repaired + fixed
+            if count < page_size:
+                break
+        return CheckReport(
+            location=self.location,
+            collection=self.collection_name,
+            checked=checked,
+            unreachable=unreachable,
+            repaired=repaired,
+            seconds=time.monotonic() - started,
+        )
 
     def recall(
         self, query: str, image: str | Image.Image | bytes | PathLike | None = None, k: int = 5
@@ -554,20 +647,16 @@ class VisualQAMemory:
             last_error=None if last_error is None else repr(last_error),
         )
 
-    def as_retriever(self, k: int = 4, image: str | None = None) -> BaseRetriever:
-        """A LangChain retriever over this memory (see `df_agent.memory.retriever`)."""
-        from df_agent.memory.retriever import MemoryRetriever
-
-        return MemoryRetriever(memory=self, k=k, image=image)
-
     # -- the store -----------------------------------------------------------------------------
 
     def _sync(self) -> None:
-        """Before a read: replay orphaned journals once, then wait for this process's records."""
+        """Before a read: replay orphaned journals once, wait for this process's records (up to
+        `read_timeout`), and check the newest records once per connection."""
         if self._last_error is not None:
             self._call(lambda collection: collection.count())  # fail fast while the store is down
         self._replay_orphans()
-        self.flush()
+        self.flush(self.read_timeout)
+        self._check_tail()
 
     def _pending_snapshot(self) -> list[MemoryRecord]:
         with self._cond:
@@ -580,20 +669,31 @@ class VisualQAMemory:
             wait=wait_exponential(multiplier=self.retry.initial, max=self.retry.maximum)
             + wait_random(0, self.retry.initial),
             retry=retry_if_exception(_transient),
-            before_sleep=lambda _state: self._disconnect(),
+            before_sleep=self._before_retry,
             reraise=True,
         )
         try:
             for attempt in retrying:
                 with attempt:
-                    return operation(self._connect())
+                    answer = operation(self._connect())
+                    self._trouble = None
+                    return answer
         except Exception as exc:
+            if _locked(exc):
+                raise MemoryBusyError(
+                    f"the memory store at {self.location} is busy: its database stayed locked by "
+                    f"another writer through {attempts or self.retry.attempts} tries ({exc}); try again later"
+                ) from exc
             if _transient(exc):
                 raise MemoryUnavailableError(
                     f"the memory store at {self.location} is unreachable: {exc!r}"
                 ) from exc
             raise
         raise AssertionError("unreachable")  # pragma: no cover - tenacity reraises
+
+    def _before_retry(self, state: Any) -> None:
+        self._trouble = state.outcome.exception() if state.outcome is not None else None
+        self._disconnect()
 
     def _connect(self) -> Any:
         with self._connect_lock:
@@ -609,6 +709,7 @@ class VisualQAMemory:
                 self._embedder = self._check_embedder(collection, embedder)
                 self._collection = collection
                 self._replay_due = True
+                self._tail_due = True
             return self._collection
 
     def _disconnect(self) -> None:
@@ -670,6 +771,35 @@ def _transient(exc: BaseException) -> bool:
     except ImportError:
         return False
     return isinstance(exc, (errors.InternalError, errors.RateLimitError))
+
+
+def _locked(exc: BaseException) -> bool:
+    """True for SQLite's "database is locked": another writer holds the store, it is not down."""
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower()
+
+
+def _unreachable(collection: Any, ids: Sequence[str], vectors: Sequence[Sequence[float]]) -> list[int]:
+    """Positions of the records that a search with their own vector does not return.
+
+    A record counts as reachable if it is among the `CHECK_DEPTH` nearest, or if those are all
+    at distance 0 from its vector (identical vectors: which of them comes back is arbitrary).
+    """
+    if not ids:
+        return []
+    depth = min(CHECK_DEPTH, collection.count())
+    if depth == 0:
+        return list(range(len(ids)))
+    found = collection.query(query_embeddings=list(vectors), n_results=depth, include=["distances"])
+    rows = zip(ids, found["ids"], found["distances"], strict=True)
+    return [
+        index
+        for index, (wanted, hits, distances) in enumerate(rows)
+        if wanted not in hits and not (len(hits) == depth and distances[-1] <= TIE)
+    ]
+
+
+def _select(payload: dict[str, list[Any]], positions: Sequence[int]) -> dict[str, list[Any]]:
+    return {name: [column[i] for i in positions] for name, column in payload.items()}
 
 
 def _gather_statistics(database: Path, min_rows: int = 1000) -> None:
@@ -748,16 +878,6 @@ def _digest(image: str | Image.Image | bytes | PathLike) -> str:
     return image_hash(load_image(image))
 
 
-def _document(result: FocusResult) -> str:
-    """The text embedded for recall: the question, then the answer (an option letter's text too)."""
-    answer = result.answer
-    if result.options and len(answer) == 1 and "A" <= answer <= "Z":
-        index = ord(answer) - ord("A")
-        if index < len(result.options):
-            answer = f"{answer}. {result.options[index]}"
-    return f"{result.question}\n{answer}"
-
-
 def _metadata(record: MemoryRecord) -> dict[str, str | float]:
     result = record.result
     return {
@@ -767,6 +887,7 @@ def _metadata(record: MemoryRecord) -> dict[str, str | float]:
         "mode": result.mode,
         "created_at": result.created_at.timestamp(),
         "result": result.model_dump_json(),
+        **({"image_name": record.image_name} if record.image_name is not None else {}),
     }
 
 
@@ -781,6 +902,7 @@ def _unpack(found: dict[str, Any], query: int | None = None) -> list[MemoryRecor
             key=meta["key"],
             document=document,
             result=FocusResult.model_validate_json(meta["result"]),
+            image_name=meta.get("image_name"),
         )
         for record_id, meta, document in zip(*columns, strict=True)
     ]
@@ -801,15 +923,4 @@ def _records(rows: Sequence[dict[str, Any]]) -> list[MemoryRecord]:
     return records
 
 
-__all__ = [
-    "DEFAULT_COLLECTION",
-    "MemoryRecord",
-    "MemoryStats",
-    "MemoryUnavailableError",
-    "Recollection",
-    "RetryPolicy",
-    "VisualQAMemory",
-    "default_path",
-    "record_id",
-    "repeat_key",
-]
+__all__ = ["DEFAULT_COLLECTION", "VisualQAMemory", "default_path"]
