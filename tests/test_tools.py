@@ -275,13 +275,6 @@ def test_toolkit_shares_one_toolbox_and_offers_recall_only_with_a_memory(tmp_pat
         DualFocusToolkit(engine=toolkit.engine, memory=memory)
 
 
-def test_public_api() -> None:
-    assert sorted(df_agent.tools.__all__) == [
-        "ArbitrateAnswersTool", "DualFocusAnswerTool", "DualFocusTool", "DualFocusToolkit",
-        "FocusedAnswerTool", "GlobalAnswerTool", "RecallVisualQATool", "ZoomRegionTool",
-    ]  # fmt: skip
-
-
 def test_every_argument_is_described_for_a_planner() -> None:
     recall = RecallVisualQATool(toolbox=Toolbox(DualFocus(ScriptedBackend())))
     for tool in [*scripted_toolkit().get_tools(), recall]:
