@@ -1,15 +1,21 @@
-"""A test server that speaks the subset of vLLM's OpenAI-compatible API that `OpenAIBackend` uses.
+"""A local OpenAI-compatible test server backed by an `HFBackend`, in three profiles.
 
-It is backed by an `HFBackend` and answers, in vLLM's JSON shapes:
-- ``GET /v1/models``: the one served model;
-- ``POST /tokenize`` with chat ``messages``: the token ids of the rendered chat (images expanded);
-- ``POST /v1/chat/completions``: a greedy reply, or with ``prompt_logprobs=k`` vLLM's top-level
-  ``prompt_logprobs`` list (``None`` for the first token, then per token a dict from token id, as a
-  string, to ``{"logprob", "rank", "decoded_token"}``, holding the prompt's own token and the top k).
+Profiles (what real servers offer):
+- ``"vllm"``: vLLM's API. ``GET /v1/models``; ``POST /tokenize`` with chat ``messages`` (the token
+  ids of the rendered chat, images expanded); ``POST /v1/chat/completions`` with a greedy reply,
+  generation ``logprobs``, and with ``prompt_logprobs=k`` vLLM's top-level ``prompt_logprobs`` list
+  (``None`` for the first token, then per token a dict from token id, as a string, to
+  ``{"logprob", "rank", "decoded_token"}``: the prompt's own token first, then the top k).
+- ``"hosted"``: a hosted chat API (OpenAI's shape): chat completions with generation ``logprobs``
+  (``choices[0].logprobs.content``); no ``/tokenize``; vLLM's extra fields are refused with 400.
+- ``"bare"``: chat completions only; ``logprobs`` and unknown fields are ignored (``logprobs: null``).
 
-Faults can be scheduled on the n-th request to a path: "503" (an error answer), "timeout" (no
-answer until the server stops) and "drop" (the connection closed without an answer). Every
-request is recorded with the fault it got, so tests count what reached the server.
+Every profile streams (``stream: true``, server-sent events) and takes an optional bearer key.
+`delay` seconds are slept before each answer, outside the model lock: a simulated network round
+trip, so concurrent requests overlap it. Faults can be scheduled on the n-th request to a path:
+"503" (an error answer), "timeout" (no answer until the server stops) and "drop" (the connection
+closed without an answer). Every request is recorded with the fault it got, so tests count what
+reached the server.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Literal
 
 import torch
 
@@ -30,6 +37,9 @@ from df_agent.backends.hf import HFBackend
 from df_agent.images import load_image
 
 FAULTS = ("503", "timeout", "drop")
+PROFILES = ("vllm", "hosted", "bare")
+Profile = Literal["vllm", "hosted", "bare"]
+VLLM_ONLY_FIELDS = ("prompt_logprobs", "add_generation_prompt", "continue_final_message")
 
 
 class BadRequest(Exception):
@@ -49,23 +59,36 @@ class Record:
     body: dict = field(repr=False)
 
 
-class VLLMTestServer:
+class OpenAITestServer:
     """An in-process HTTP server on a free loopback port, in a thread.
 
     Args:
         backend: The model that answers.
         model_name: The name it is served under.
-        prompt_logprobs: False makes it behave like a server without vLLM's extension: the
-            field is ignored and ``/tokenize`` does not exist (404).
+        profile: "vllm", "hosted" or "bare" (see the module docstring).
+        delay: Seconds slept before each answer (a simulated round trip).
+        api_key: When set, requests without ``Authorization: Bearer <api_key>`` get 401.
     """
 
     def __init__(
-        self, backend: HFBackend, model_name: str = "df-test", *, prompt_logprobs: bool = True
+        self,
+        backend: HFBackend,
+        model_name: str = "df-test",
+        *,
+        profile: Profile = "vllm",
+        delay: float = 0.0,
+        api_key: str | None = None,
     ) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
         self.backend = backend
         self.model_name = model_name
-        self.prompt_logprobs = prompt_logprobs
+        self.profile = profile
+        self.delay = delay
+        self.api_key = api_key
         self.records: list[Record] = []
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests the server held at once since the last reset
         self._faults: dict[tuple[str, int], str] = {}
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()  # requests, faults and counters
@@ -81,7 +104,7 @@ class VLLMTestServer:
         host, port = self._http.server_address[:2]
         return f"http://{host}:{port}/v1"
 
-    def __enter__(self) -> VLLMTestServer:
+    def __enter__(self) -> OpenAITestServer:
         self._thread.start()
         return self
 
@@ -108,6 +131,7 @@ class VLLMTestServer:
         """Forget recorded requests and pending faults."""
         with self._lock:
             self.records.clear()
+            self.max_in_flight = 0
             self._faults.clear()
             self._seen.clear()
 
@@ -118,7 +142,13 @@ class VLLMTestServer:
             self._seen[path] = index + 1
             fault = self._faults.pop((path, index), None)
             self.records.append(Record(path, fault, body))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return fault
+
+    def _done(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     # -- the API -------------------------------------------------------------------------------
 
@@ -139,7 +169,7 @@ class VLLMTestServer:
         }
 
     def tokenize(self, body: dict) -> dict:
-        if not self.prompt_logprobs:
+        if self.profile != "vllm":
             raise BadRequest("Not Found", HTTPStatus.NOT_FOUND)
         self._check_model(body)
         conversation, generation_prompt, continue_final = self._chat_request(body)
@@ -149,13 +179,20 @@ class VLLMTestServer:
         ids = self.backend.encode([text], conversation.images)["input_ids"][0].tolist()
         return {"count": len(ids), "max_model_len": self._max_model_len(), "tokens": ids, "token_strs": None}
 
-    def chat_completions(self, body: dict) -> dict:
+    def chat_completions(self, body: dict) -> dict | list[dict]:
+        """A chat completion, or with ``stream`` the list of its chunks."""
         self._check_model(body)
-        if body.get("stream"):
-            raise BadRequest("the test server does not stream")
+        if self.profile == "hosted":
+            extra = [name for name in VLLM_ONLY_FIELDS if name in body]
+            if extra:
+                raise BadRequest(f"Unrecognized request argument supplied: {extra[0]}")
+        if self.profile != "vllm":
+            body = {k: v for k, v in body.items() if k not in VLLM_ONLY_FIELDS}
         conversation, generation_prompt, continue_final = self._chat_request(body)
-        max_tokens = int(body.get("max_tokens") or 16)
-        top_k = body.get("prompt_logprobs") if self.prompt_logprobs else None
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
+        top_k = body.get("prompt_logprobs")
+        want_logprobs = bool(body.get("logprobs")) and self.profile != "bare"
+        token_logprobs: list[tuple[str, float]] | None = None
         if top_k is not None:
             if not isinstance(top_k, int) or top_k < -1:
                 raise BadRequest("`prompt_logprobs` must be a positive value or -1.")
@@ -166,22 +203,28 @@ class VLLMTestServer:
         elif continue_final or not generation_prompt:
             raise BadRequest("the test server generates only after a generation prompt")
         else:
-            content = self.backend.generate(conversation, max_new_tokens=max_tokens)
-            text = self.backend.render(conversation, add_generation_prompt=True)
-            prompt_ids = self.backend.encode([text], conversation.images)["input_ids"][0].tolist()
+            prompt_ids, content, token_logprobs = self._generate(conversation, max_tokens)
             prompt_logprobs = None
         completion_tokens = len(self.backend.tokenizer(content, add_special_tokens=False)["input_ids"])
+        finish = "length" if completion_tokens >= max_tokens else "stop"
+        logprobs = None
+        if want_logprobs and token_logprobs is not None:
+            logprobs = {"content": [_token_logprob(token, value) for token, value in token_logprobs]}
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            return self._chunks(ident, created, content, token_logprobs if logprobs else None, finish)
+        vllm_fields = {"prompt_logprobs": prompt_logprobs, "kv_transfer_params": None}
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": ident,
             "object": "chat.completion",
-            "created": int(time.time()),
+            "created": created,
             "model": self.model_name,
             "choices": [
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": content, "tool_calls": []},
-                    "logprobs": None,
-                    "finish_reason": "length" if completion_tokens >= max_tokens else "stop",
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
                     "stop_reason": None,
                 }
             ],
@@ -191,9 +234,61 @@ class VLLMTestServer:
                 "completion_tokens": completion_tokens,
                 "prompt_tokens_details": None,
             },
-            "prompt_logprobs": prompt_logprobs,
-            "kv_transfer_params": None,
+            **(vllm_fields if self.profile == "vllm" else {}),
         }
+
+    def _chunks(
+        self, ident: str, created: int, content: str, logprobs: list[tuple[str, float]] | None, finish: str
+    ) -> list[dict]:
+        """The server-sent chunks of a streamed completion: the role, one per token, the finish."""
+
+        def chunk(delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
+            return {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+                ],
+            }
+
+        chunks = [chunk({"role": "assistant", "content": ""})]
+        if logprobs is None:
+            pieces = [(content, None)] if content else []
+        else:
+            pieces = [(token, {"content": [_token_logprob(token, value)]}) for token, value in logprobs]
+            if "".join(token for token, _ in logprobs) != content:  # the decoded text is the reply
+                pieces = [(content, {"content": [_token_logprob(t, v) for t, v in logprobs]})]
+        chunks += [chunk({"content": piece}, entry) for piece, entry in pieces]
+        chunks.append(chunk({}, None, finish))
+        return chunks
+
+    def _generate(self, conversation: Conversation, max_tokens: int) -> tuple:
+        """Greedy reply, its prompt ids, and each reply token with its log-probability."""
+        text = self.backend.render(conversation, add_generation_prompt=True)
+        tokenizer = self.backend.tokenizer
+        with torch.inference_mode():
+            inputs = self.backend.encode([text], conversation.images)
+            output = self.backend.model.generate(
+                **inputs,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        prompt_ids = inputs["input_ids"][0].tolist()
+        new_ids = output.sequences[0, len(prompt_ids) :].tolist()
+        special = set(tokenizer.all_special_ids)
+        token_logprobs = []
+        for token_id, logits in zip(new_ids, output.logits, strict=False):
+            if token_id in special:
+                continue
+            value = torch.log_softmax(logits[0].float(), dim=-1)[token_id].item()
+            token_logprobs.append((tokenizer.decode([token_id]), value))
+        content = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        return prompt_ids, content, token_logprobs
 
     def _prompt_logprobs(self, text: str, conversation: Conversation, top_k: int) -> tuple:
         """vLLM's prompt_logprobs for the rendered prompt, and the greedy next token as content."""
@@ -255,19 +350,33 @@ class VLLMTestServer:
         return int(getattr(config.get_text_config(), "max_position_embeddings", 2048))
 
 
-def _handler(server: VLLMTestServer) -> type[BaseHTTPRequestHandler]:
+def _token_logprob(token: str, value: float) -> dict:
+    """One entry of ``logprobs.content``, as OpenAI writes it."""
+    return {"token": token, "logprob": value, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as vLLM (uvicorn) serves
 
         def log_message(self, format: str, *args: object) -> None:  # quiet
             pass
 
+        def _authorized(self) -> bool:
+            if server.api_key is None or self.headers.get("Authorization") == f"Bearer {server.api_key}":
+                return True
+            self._error(HTTPStatus.UNAUTHORIZED, "Incorrect API key provided")
+            return False
+
         def do_GET(self) -> None:
             if self.path != "/v1/models":
                 self._error(HTTPStatus.NOT_FOUND, "Not Found")
                 return
             server._admit(self.path, {})
-            self._send(HTTPStatus.OK, server.models())
+            time.sleep(server.delay)
+            server._done()
+            if self._authorized():
+                self._send(HTTPStatus.OK, server.models())
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
@@ -281,6 +390,15 @@ def _handler(server: VLLMTestServer) -> type[BaseHTTPRequestHandler]:
                 self._error(HTTPStatus.NOT_FOUND, "Not Found")
                 return
             fault = server._admit(self.path, body)
+            try:
+                self._answer(fault, routes[self.path], body)
+            finally:
+                server._done()
+
+        def _answer(self, fault: str | None, route, body: dict) -> None:
+            time.sleep(server.delay)
+            if not self._authorized():
+                return
             if fault == "503":
                 self._error(HTTPStatus.SERVICE_UNAVAILABLE, "injected fault: service unavailable")
                 return
@@ -294,10 +412,25 @@ def _handler(server: VLLMTestServer) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 with server._model_lock:
-                    payload = routes[self.path](body)
-                self._send(HTTPStatus.OK, payload)
+                    payload = route(body)
             except BadRequest as err:
                 self._error(err.status, str(err))
+                return
+            if isinstance(payload, list):
+                self._stream(payload)
+            else:
+                self._send(HTTPStatus.OK, payload)
+
+        def _stream(self, chunks: list[dict]) -> None:
+            """Server-sent events in chunked transfer encoding, ending with ``data: [DONE]``."""
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for event in [*(json.dumps(c) for c in chunks), "[DONE]"]:
+                data = f"data: {event}\n\n".encode()
+                self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
 
         def _error(self, status: HTTPStatus, message: str) -> None:
             error = {
@@ -319,4 +452,6 @@ def _handler(server: VLLMTestServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-__all__ = ["FAULTS", "Record", "VLLMTestServer"]
+VLLMTestServer = OpenAITestServer  # the name other tests know it by (profile "vllm" by default)
+
+__all__ = ["FAULTS", "PROFILES", "OpenAITestServer", "Profile", "Record", "VLLMTestServer"]
