@@ -313,6 +313,7 @@ class DualFocus:
             answer=answer,
             path=path,  # type: ignore[arg-type]
             timings=timings,
+            warnings=self.backend.input_warnings(picture, question),
             **trace,  # type: ignore[arg-type]
         )
         if memory is not None:

@@ -74,8 +74,19 @@ class FocusResult(BaseModel):
     )
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds spent in each step.")
     cached: bool = Field(default=False, description="True when answered from memory, not the model.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What to doubt: a demonstration model, words the tokenizer does not know, an image "
+        "unlike the model's training data.",
+    )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     crop: Image.Image | None = Field(default=None, exclude=True, repr=False)
+
+    def plot(self, image: Image.Image, *, source: str | None = None):
+        """A matplotlib figure explaining this result (see `df_agent.visualize.figure`)."""
+        from df_agent.visualize import figure
+
+        return figure(self, image, source=source)
 
 
 __all__ = ["Arbitration", "ArbitrationMethod", "FocusResult", "Location", "Mode", "Path", "Zoom"]

@@ -167,6 +167,10 @@ class Backend:
         """The (width, height) the model's image processor resizes `image` to (default: unchanged)."""
         return image.size
 
+    def input_warnings(self, image: Image.Image, question: str) -> list[str]:
+        """What to doubt about this model's answer to `question` on `image` (default: nothing known)."""
+        return []
+
     def session(self, *, speculate: bool = False) -> AbstractContextManager[None]:
         """Share work between the calls of one question made inside (default: nothing shared).
 

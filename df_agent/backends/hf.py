@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from df_agent.backends import caveats
 from df_agent.backends.base import Conversation
+from df_agent.backends.checkpoints import quiet_loading, resolve_checkpoint
 from df_agent.boxes import BoxConvention
 
 # model_type -> (box convention, prompt family); see shared/dualfocus.md "Box conventions".
@@ -102,12 +104,14 @@ class HFBackend:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+        model_id, source = model_id or str(path_or_id), resolve_checkpoint(path_or_id)  # fails fast
         try:
-            processor = AutoProcessor.from_pretrained(str(path_or_id))
-            model = AutoModelForImageTextToText.from_pretrained(str(path_or_id), dtype=dtype).to(device)
+            processor = AutoProcessor.from_pretrained(source)
+            with quiet_loading():  # the weight-loading bar only when loading takes a while
+                model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(device)
         except OSError as err:
             raise OSError(f"could not load a model from {path_or_id!r}: {err}") from err
-        return cls(model, processor, model_id=model_id or str(path_or_id), **kwargs)  # type: ignore[arg-type]
+        return cls(model, processor, model_id=model_id, **kwargs)  # type: ignore[arg-type]
 
     @property
     def tokenizer(self):
@@ -214,6 +218,11 @@ class HFBackend:
             return cols * patch, rows * patch
         height, width = features["pixel_values"].shape[-2:]
         return int(width), int(height)
+
+    def input_warnings(self, image: Image.Image, question: str) -> list[str]:
+        """The shipped model's note, question words the tokenizer lacks, an image unlike FocusShapes."""
+        shipped = self.model_id == SHIPPED_MODEL_ID
+        return caveats.input_warnings(self.tokenizer, question, image, shipped=shipped)
 
 
 def encode_for_training(backend: HFBackend, conversation: Conversation, reply: str) -> dict:
