@@ -14,7 +14,7 @@ from PIL import Image
 
 from df_agent.agents.registry import ImageReferenceError, ImageRegistry
 from df_agent.boxes import Box
-from df_agent.images import image_hash, to_data_uri
+from df_agent.images import ImageError, image_hash, to_data_uri
 
 
 def picture(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (40, 30)) -> Image.Image:
@@ -116,6 +116,38 @@ def test_cache_drops_the_least_recently_used_but_never_host_images() -> None:
     assert ids[0] in registry and third in registry and "host" in registry
     assert ids[1] not in registry
     assert len(registry) == 3
+
+
+def test_the_cache_is_bounded_by_decoded_bytes() -> None:
+    """Small data URIs of large plain images: the budget, not the count, decides what stays."""
+    side = 2000  # 12 MB of decoded RGB from a data URI of about 12 kB
+    registry = ImageRegistry(max_cached_bytes=30 * 2**20)
+    uris = [to_data_uri(picture((i, 0, 0), (side, side))) for i in (10, 20, 30, 40)]
+    assert max(len(uri) for uri in uris) < 50_000
+    ids = [registry.resolve(uri).id for uri in uris]
+    assert registry.cached_bytes() == 2 * side * side * 3 <= registry.max_cached_bytes
+    assert ids[2:] == registry.ids() and ids[0] not in registry and ids[1] not in registry
+
+
+def test_an_evicted_id_says_it_was_evicted() -> None:
+    registry = ImageRegistry(max_cached=1)
+    registry.register(picture(size=(64, 64)), "scene")
+    parent = registry.get("scene")
+    first = registry.add_crop(parent.image, parent=parent, box=Box(x1=0, y1=0, x2=8, y2=8), box_text="a")
+    registry.add_crop(parent.image, parent=parent, box=Box(x1=0, y1=0, x2=9, y2=9), box_text="b")
+    for lookup in (registry.get, registry.resolve):
+        with pytest.raises(ImageReferenceError, match=f"crop id '{first.id}' was evicted from the cache"):
+            lookup(first.id)
+    again = registry.add_crop(parent.image, parent=parent, box=Box(x1=0, y1=0, x2=8, y2=8), box_text="a")
+    assert registry.get(first.id) is again  # made again: the same id is back
+    with pytest.raises(ImageReferenceError, match="unknown image id 'crop-never'"):
+        registry.get("crop-never")
+
+
+def test_a_single_image_over_the_budget_is_still_held() -> None:
+    registry = ImageRegistry(max_cached_bytes=10)
+    entry = registry.resolve(to_data_uri(picture()))
+    assert registry.get(entry.id) is entry and registry.cached_bytes() == 40 * 30 * 3
 
 
 def test_concurrent_crops_are_all_kept() -> None:
@@ -231,6 +263,14 @@ def test_a_named_pipe_is_refused_without_blocking(tree: dict[str, Path]) -> None
     os.mkfifo(tree["root"] / "pipe.png")
     with pytest.raises(ImageReferenceError, match="not a regular file"):
         ImageRegistry([tree["root"]]).resolve("pipe.png")
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_devices_are_refused_as_devices() -> None:
+    with pytest.raises(ImageReferenceError, match=r"'zero' is not a regular file \(a character device\)"):
+        ImageRegistry(["/dev"]).resolve("zero")
+    with pytest.raises(ImageError, match="not a regular file"):
+        ImageRegistry().register("/dev/zero")  # the host's own paths too: never "empty (0 bytes)"
 
 
 def test_roots_must_exist(tmp_path: Path) -> None:

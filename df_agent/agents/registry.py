@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 Source = Literal["host", "data_uri", "file", "url", "crop"]
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_CACHED_BYTES = 512 * 1024 * 1024
+_REMEMBERED_EVICTIONS = 4096
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SHOWN_IDS = 10
@@ -67,7 +69,9 @@ class ImageRegistry:
 
     Images the host registers are kept until replaced; images resolved from data URIs, files and URLs,
     and crops, are cached under ids too (so a planner can refer to them again), the least recently
-    used ones dropped beyond `max_cached`. Safe to share between threads.
+    used ones dropped beyond `max_cached` entries or `max_cached_bytes` of decoded pixels (the newest
+    entry is always kept). An id dropped so is remembered: asking for it again says it was evicted.
+    Safe to share between threads.
 
     Args:
         allowed_roots: Folders whose files planners may name by path (none by default: no paths).
@@ -78,6 +82,8 @@ class ImageRegistry:
         max_bytes: The largest file, URL body or data URI payload accepted, in bytes.
         max_pixels: The largest width * height accepted.
         max_cached: How many resolved images and crops to keep.
+        max_cached_bytes: How many bytes of decoded pixels (width * height * bands) the resolved
+            images and crops may hold together; host images do not count.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class ImageRegistry:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_cached: int = 64,
+        max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES,
     ) -> None:
         roots = []
         for root in allowed_roots:
@@ -97,17 +104,22 @@ class ImageRegistry:
             if not real.is_dir():
                 raise ValueError(f"allowed root {str(root)!r} is not an existing folder")
             roots.append(real)
-        if max_bytes < 1 or max_pixels < 1 or max_cached < 1 or url_timeout <= 0:
-            raise ValueError("max_bytes, max_pixels, max_cached and url_timeout must be positive")
+        if min(max_bytes, max_pixels, max_cached, max_cached_bytes) < 1 or url_timeout <= 0:
+            raise ValueError(
+                "max_bytes, max_pixels, max_cached, max_cached_bytes and url_timeout must be positive"
+            )
         self.allowed_roots: tuple[Path, ...] = tuple(roots)
         self.allow_urls = allow_urls
         self.url_timeout = url_timeout
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.max_cached = max_cached
+        self.max_cached_bytes = max_cached_bytes
         self._http_client = http_client
         self._pinned: dict[str, RegisteredImage] = {}
         self._cached: OrderedDict[str, RegisteredImage] = OrderedDict()
+        self._cached_bytes = 0
+        self._evicted: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
 
     # -- holding images ------------------------------------------------------------------------
@@ -135,7 +147,10 @@ class ImageRegistry:
             id=image_id or f"img-{digest[:12]}", image=picture, hash=digest, source="host"
         )
         with self._lock:
-            self._cached.pop(entry.id, None)
+            dropped = self._cached.pop(entry.id, None)
+            if dropped is not None:
+                self._cached_bytes -= decoded_bytes(dropped.image)
+            self._evicted.pop(entry.id, None)
             self._pinned[entry.id] = entry
         return entry.id
 
@@ -163,12 +178,15 @@ class ImageRegistry:
         """The entry under `image_id`.
 
         Raises:
-            ImageReferenceError: If no image has that id.
+            ImageReferenceError: If no image has that id, or the one it had was evicted from the cache.
         """
         with self._lock:
             entry = self._pinned.get(image_id) or self._cached.get(image_id)
             if entry is not None and image_id in self._cached:
                 self._cached.move_to_end(image_id)
+            evicted = entry is None and image_id in self._evicted
+        if evicted:
+            raise self._evicted_error(image_id)
         if entry is None:
             raise ImageReferenceError(f"unknown image id {image_id!r}. {self._known_ids()}")
         return entry
@@ -194,15 +212,41 @@ class ImageRegistry:
         with self._lock:
             return len(self._pinned) + len(self._cached)
 
+    def cached_bytes(self) -> int:
+        """The decoded bytes the cached (not host) images and crops hold together."""
+        with self._lock:
+            return self._cached_bytes
+
     def _cache(self, entry: RegisteredImage) -> RegisteredImage:
         with self._lock:
             if entry.id in self._pinned:
                 return self._pinned[entry.id]
+            held = self._cached.pop(entry.id, None)
+            if held is not None:
+                self._cached_bytes -= decoded_bytes(held.image)
             self._cached[entry.id] = entry
-            self._cached.move_to_end(entry.id)
-            while len(self._cached) > self.max_cached:
-                self._cached.popitem(last=False)
+            self._cached_bytes += decoded_bytes(entry.image)
+            self._evicted.pop(entry.id, None)
+            while len(self._cached) > 1 and (
+                len(self._cached) > self.max_cached or self._cached_bytes > self.max_cached_bytes
+            ):
+                dropped_id, dropped = self._cached.popitem(last=False)
+                self._cached_bytes -= decoded_bytes(dropped.image)
+                self._evicted[dropped_id] = None
+                if len(self._evicted) > _REMEMBERED_EVICTIONS:
+                    self._evicted.popitem(last=False)
         return entry
+
+    def _evicted_error(self, image_id: str) -> ImageReferenceError:
+        if image_id.startswith("crop-"):
+            kind, again = "crop", "make the crop again (zoom_region, or a box on its image)"
+        else:
+            kind, again = "image", "pass the image again"
+        return ImageReferenceError(
+            f"{kind} id {image_id!r} was evicted from the cache (it keeps the {self.max_cached} most "
+            f"recently used images and crops, {self.max_cached_bytes / 2**20:,.0f} MiB of decoded pixels "
+            f"at most); {again}. {self._known_ids()}"
+        )
 
     def _known_ids(self) -> str:
         ids = self.ids()
@@ -230,6 +274,10 @@ class ImageRegistry:
         reference = reference.strip()
         if reference in self:
             return self.get(reference)
+        with self._lock:
+            evicted = reference in self._evicted
+        if evicted:
+            raise self._evicted_error(reference)
         if reference.startswith("data:"):
             return self._from_data_uri(reference)
         scheme = _SCHEME.match(reference)
@@ -348,7 +396,9 @@ class ImageRegistry:
             if stat.S_ISDIR(info.st_mode):
                 raise ImageReferenceError(f"{reference!r} is a folder, not an image file")
             if not stat.S_ISREG(info.st_mode):
-                raise ImageReferenceError(f"{reference!r} is not a regular file")
+                raise ImageReferenceError(
+                    f"{reference!r} is not a regular file ({_file_kind(info.st_mode)}), so it was not read"
+                )
             if info.st_size > self.max_bytes:
                 raise ImageReferenceError(
                     f"file {reference!r} is {info.st_size:,} bytes, more than the limit of {self.max_bytes:,}"
@@ -361,8 +411,29 @@ class ImageRegistry:
             os.close(fd)
 
 
+def decoded_bytes(image: Image.Image) -> int:
+    """The bytes `image`'s decoded pixels take: width * height * bands."""
+    return image.width * image.height * len(image.getbands())
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISFIFO: "a named pipe",
+        stat.S_ISSOCK: "a socket",
+    }  # fmt: skip
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a file")
+
+
 def _short(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "ImageReferenceError", "ImageRegistry", "RegisteredImage", "Source"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_CACHED_BYTES",
+    "ImageReferenceError",
+    "ImageRegistry",
+    "RegisteredImage",
+    "Source",
+    "decoded_bytes",
+]
