@@ -6,7 +6,7 @@
    with the threshold at -inf (never skip) gives the macro answer, its own mean NLL and the DualFocus
    answer; `calibrate_auto_threshold` picks the threshold that skips the most zooms while losing at
    most `--max-loss` accuracy on these questions.
-2. Evaluation, on `--n` other questions (`--seed`): macro-only, fast DualFocus and fast auto with
+2. Evaluation, on `--n` other questions (`--seed`): macro-only, DualFocus and auto with
    that threshold, interleaved; accuracy (exact match after normalisation) overall and per question
    type, how often auto skipped the zoom, median seconds per question, and (``curve``) the skip
    rate and accuracy auto would have had at other thresholds on the same questions.
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from df_agent.backends.hf import HFBackend, shipped_model_path
+from df_agent.calibration import calibrate_auto_threshold
 from df_agent.data.focusshapes import generate
 from df_agent.engine import DualFocus
 from df_agent.eval.items import normalize_answer
-from df_agent.fast import FastDualFocus, calibrate_auto_threshold
 
 QUESTION_TYPES = ("detail", "global", "exist")
 
@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = args.model or shipped_model_path()
     backend = HFBackend.from_pretrained(model, device=args.device)
-    plain = DualFocus(backend)
+    plain = DualFocus(backend, session=False)
 
-    never = FastDualFocus(backend, auto_threshold=-math.inf)
+    never = DualFocus(backend, auto_threshold=-math.inf)
     nll, macro_right, full_right = [], [], []
     for image, question, answer, _ in questions(args.calibration_seed, args.calibration_n):
         result = never.ask(image, question, mode="auto")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = calibrate_auto_threshold(nll, macro_right, full_right, max_accuracy_loss=args.max_loss)
     print(f"calibrated on {args.calibration_n} questions: {calibration}", file=sys.stderr)
 
-    auto = FastDualFocus(backend, auto_threshold=calibration.threshold)
+    auto = DualFocus(backend, auto_threshold=calibration.threshold)
     runs = {
         "macro": lambda image, q: plain.ask(image, q, mode="macro"),
         "dualfocus": lambda image, q: auto.ask(image, q),

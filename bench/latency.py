@@ -3,9 +3,10 @@
     OMP_NUM_THREADS=1 python bench/latency.py [--n 200] [--seed 2024] [--model PATH] [--device cpu|cuda]
 
 For each of N FocusShapes questions (fresh scenes of `--seed`, three questions per scene) it runs, in
-a rotating order so that machine load hits all three alike: the plain engine with ``mode="macro"``
-(one answer from the whole image), the plain engine (`DualFocus`, the official order, nothing reused)
-and the fast engine (`FastDualFocus`), both with ``mode="dualfocus"``. It prints the median seconds of
+a rotating order so that machine load hits all three alike: the plain path with ``mode="macro"``
+(one answer from the whole image), the plain path (``DualFocus(backend, session=False)``: the official
+order, one generation per request, nothing reused) and the fast path (``DualFocus(backend)``: one
+backend session per question), both with ``mode="dualfocus"``. It prints the median seconds of
 each, the ratios fast/plain and fast/macro, and whether plain and fast gave identical results
 (answers, boxes, paths, and scores within 1e-4). On a shared machine the process CPU time of each
 run (``cpu_s``) helps too: it counts this process's work, not the time it waited for a core.
@@ -30,7 +31,7 @@ import torch
 from df_agent.backends.hf import HFBackend, shipped_model_path
 from df_agent.data.focusshapes import generate
 from df_agent.engine import DualFocus
-from df_agent.fast import FastDualFocus, result_differences
+from df_agent.results import result_differences
 
 WARMUP = 3
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = args.model or shipped_model_path()
     backend = HFBackend.from_pretrained(model, device=args.device, dtype=args.dtype)
-    plain, fast = DualFocus(backend), FastDualFocus(backend)
+    plain, fast = DualFocus(backend, session=False), DualFocus(backend)
     runs = {
         "macro": lambda image, q: plain.ask(image, q, mode="macro"),
         "plain": lambda image, q: plain.ask(image, q),
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "mismatches": len(mismatches),
         "with_box": boxes,
         "with_vote": votes,
-        "fast_path": bool(getattr(fast.backend, "fast", False)),
+        "fast_path": backend.abilities.session,
         "model": str(model),
         "device": str(backend.device),
         "dtype": str(backend.model.dtype).removeprefix("torch."),

@@ -7,7 +7,6 @@ Look at the whole picture (macro), zoom into the region the question is about
 from df_agent.backends.base import Backend, Conversation, Turn
 from df_agent.boxes import Box, BoxConvention, NoBox
 from df_agent.engine import DualFocus
-from df_agent.fast import FastDualFocus
 from df_agent.images import ImageError, load_image
 from df_agent.results import Arbitration, FocusResult, Location, Zoom
 
@@ -20,7 +19,6 @@ __all__ = [
     "BoxConvention",
     "Conversation",
     "DualFocus",
-    "FastDualFocus",
     "FocusResult",
     "ImageError",
     "Location",

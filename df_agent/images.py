@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import io
 import os
+import weakref
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -106,6 +107,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return background.convert("RGB")
 
 
+# The images `load_image` returned, by id: given to it again, one comes back as it is (no second decode).
+_LOADED: weakref.WeakValueDictionary[int, Image.Image] = weakref.WeakValueDictionary()
+
+
 def _decode(image: Image.Image, name: str, max_pixels: int) -> Image.Image:
     """Check the size, decode fully, orient and convert; returns a new image."""
     width, height = image.size
@@ -118,7 +123,9 @@ def _decode(image: Image.Image, name: str, max_pixels: int) -> Image.Image:
         image.load()
         if image.getexif().get(_ORIENTATION, 1) != 1:
             image = ImageOps.exif_transpose(image)  # a new image; the input is left as it was
-        return _to_rgb(image)
+        loaded = _to_rgb(image)
+        _LOADED[id(loaded)] = loaded
+        return loaded
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name} is too large to decode: {exc}") from None
     except _DECODE_ERRORS as exc:
@@ -151,7 +158,7 @@ def load_image(
 
     Args:
         source: A filesystem path, a base64 ``data:image/...`` URI, encoded image bytes, or a PIL
-            image (which is never modified).
+            image (which is never modified; one this function returned comes back as it is).
         max_pixels: The largest width * height accepted.
 
     Returns:
@@ -163,6 +170,8 @@ def load_image(
         TypeError: If `source` is none of the accepted types.
     """
     if isinstance(source, Image.Image):
+        if _LOADED.get(id(source)) is source and source.width * source.height <= max_pixels:
+            return source  # loaded by this function already (e.g. by the tool registry)
         return _decode(source, f"PIL image ({source.mode} {source.width}x{source.height})", max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -181,6 +190,8 @@ def load_image(
         raise ImageError(f"{name} not found")
     if path.is_dir():
         raise ImageError(f"{name} is a directory, not an image file")
+    if not path.is_file():
+        raise ImageError(f"{name} is not a regular file (a device, pipe or socket), so it was not read")
     try:
         size = path.stat().st_size
     except OSError as exc:

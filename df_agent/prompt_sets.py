@@ -10,11 +10,13 @@ from importlib import resources
 from pydantic import BaseModel
 
 STEPS = ("macro", "locate", "micro", "score", "choices")
+# Optional templates: a family without the file uses the "dualfocus" family's.
+OPTIONAL_STEPS = ("judge",)
 OPTION_LETTERS = string.ascii_uppercase
 
 
 class PromptSet(BaseModel, frozen=True):
-    """The five templates of one model family; see prompts/README.md."""
+    """The templates of one model family; see prompts/README.md."""
 
     family: str
     macro: str
@@ -22,11 +24,14 @@ class PromptSet(BaseModel, frozen=True):
     micro: str
     score: str
     choices: str
+    judge: str
 
     def with_options(self, question: str, options: Sequence[str] | None) -> str:
         """The question followed by lettered options and the letter hint, or the bare question."""
         if not options:
             return question
+        if len(options) > len(OPTION_LETTERS):
+            raise ValueError(f"at most {len(OPTION_LETTERS)} options (one per letter), not {len(options)}")
         lines = "\n".join(f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options))
         return self.choices.format(question=question, options=lines)
 
@@ -48,7 +53,11 @@ def load_prompts(family: str) -> PromptSet:
     if not folder.is_dir():
         raise ValueError(f"unknown prompt family {family!r}; shipped families: {', '.join(families())}")
     texts = {step: (folder / f"{step}.txt").read_text(encoding="utf-8") for step in STEPS}
+    for step in OPTIONAL_STEPS:
+        own = folder / f"{step}.txt"
+        source = own if own.is_file() else resources.files("df_agent.prompts") / "dualfocus" / f"{step}.txt"
+        texts[step] = source.read_text(encoding="utf-8")
     return PromptSet(family=family, **texts)
 
 
-__all__ = ["OPTION_LETTERS", "PromptSet", "families", "load_prompts"]
+__all__ = ["OPTIONAL_STEPS", "OPTION_LETTERS", "STEPS", "PromptSet", "families", "load_prompts"]

@@ -13,6 +13,16 @@ from df_agent.boxes import Box
 Mode = Literal["dualfocus", "macro", "micro", "auto"]
 Path = Literal["macro", "micro"]
 ArbitrationMethod = Literal["official", "own_context", "average"]
+# The vote that decided between the macro and the micro answer (see `DualFocus`): a perplexity vote
+# scored by the backend (the three `ArbitrationMethod`s), each answer's own generation mean NLL, the
+# micro answer by policy, or a judge turn.
+Vote = Literal["official", "own_context", "average", "generation_logprobs", "micro_policy", "judge"]
+UnscoredVote = Literal["micro_policy", "judge"]
+
+# Fields that differ between any two runs of the same question, whatever the path.
+_RUN_FIELDS = {"timings", "created_at"}
+# Float fields compared with a tolerance by `result_differences`.
+_SCORE_FIELDS = {"macro_nll"}
 
 
 class Location(BaseModel):
@@ -57,8 +67,10 @@ class FocusResult(BaseModel):
     image_size: tuple[int, int] = Field(description="(width, height) of the original image.")
     model_id: str
     mode: Mode
-    answer: str
-    path: Path = Field(description="Which candidate became the answer.")
+    answer: str | None = Field(
+        description="The answer; with options always an option letter, or None when neither answer is one."
+    )
+    path: Path | None = Field(description="Which candidate became the answer (None: no answer).")
     macro_answer: str | None = None
     micro_answer: str | None = None
     box_text: str | None = Field(default=None, description="The model's raw reply to the box request.")
@@ -67,10 +79,22 @@ class FocusResult(BaseModel):
     scores: dict[str, float] | None = Field(
         default=None, description="Mean NLL of each candidate keyed by path; None when no vote ran."
     )
-    arbitration: ArbitrationMethod | None = None
-    fallback: str | None = Field(default=None, description="Why the macro answer stood without a vote.")
+    arbitration: ArbitrationMethod | None = Field(
+        default=None, description="The perplexity vote's scoring method, when the backend scored the answers."
+    )
+    vote: Vote | None = Field(default=None, description="The vote that chose between the two answers.")
+    vote_reason: str | None = Field(default=None, description="Why that vote ran (what the backend offers).")
+    fallback: str | None = Field(
+        default=None, description="Why no vote chose the answer (no box, answers agree, no option letter...)."
+    )
     macro_nll: float | None = Field(
         default=None, description='mode="auto": the macro answer\'s own mean NLL (lower is more confident).'
+    )
+    auto_threshold: float | None = Field(
+        default=None, description='mode="auto": the macro_nll at or below which the zoom is skipped.'
+    )
+    auto_reason: str | None = Field(
+        default=None, description='mode="auto": where the confidence came from, or why there was none.'
     )
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds spent in each step.")
     cached: bool = Field(default=False, description="True when answered from memory, not the model.")
@@ -89,4 +113,41 @@ class FocusResult(BaseModel):
         return figure(self, image, source=source)
 
 
-__all__ = ["Arbitration", "ArbitrationMethod", "FocusResult", "Location", "Mode", "Path", "Zoom"]
+def result_differences(first: FocusResult, second: FocusResult, *, atol: float = 1e-4) -> list[str]:
+    """What differs between two results of the same question, beyond timings: [] when they agree.
+
+    Scores (mean NLLs: `scores`, `macro_nll`) agree when within `atol`; every other field must be
+    equal (texts, boxes, paths, votes, reasons).
+
+    Args:
+        first: One result, e.g. from ``DualFocus(backend, session=False).ask``.
+        second: The other, e.g. from ``DualFocus(backend).ask``.
+        atol: The largest score difference that still counts as the same.
+    """
+    differences = []
+    a, b = first.model_dump(exclude=_RUN_FIELDS), second.model_dump(exclude=_RUN_FIELDS)
+    for name in a:
+        x, y = a[name], b[name]
+        if name == "scores" and x and y and x.keys() == y.keys():
+            same = all(abs(x[k] - y[k]) <= atol for k in x)
+        elif name in _SCORE_FIELDS and isinstance(x, float) and isinstance(y, float):
+            same = abs(x - y) <= atol
+        else:
+            same = x == y
+        if not same:
+            differences.append(f"{name}: {x!r} != {y!r}")
+    return differences
+
+
+__all__ = [
+    "Arbitration",
+    "ArbitrationMethod",
+    "FocusResult",
+    "Location",
+    "Mode",
+    "Path",
+    "UnscoredVote",
+    "Vote",
+    "Zoom",
+    "result_differences",
+]

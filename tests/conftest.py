@@ -9,15 +9,19 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from df_agent.backends.base import Conversation
+from df_agent.backends.base import Abilities, Backend, Conversation, Generation, Request
 from df_agent.boxes import BoxConvention
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-class ScriptedBackend:
-    """A backend whose replies depend on which DualFocus step is asking; records every call."""
+class ScriptedBackend(Backend):
+    """A backend whose replies depend on which DualFocus step is asking; records every call.
+
+    It scores (prompt log-probabilities) and reports no generation log-probabilities; the
+    variants below report less or more.
+    """
 
     model_id = "scripted"
     box_convention = BoxConvention.FRACTION
@@ -30,7 +34,7 @@ class ScriptedBackend:
         micro: str = "blue",
         scores: dict[str, float] | Callable[[Conversation, str], float] | None = None,
     ) -> None:
-        self.replies = {"macro": macro, "locate": box, "micro": micro}
+        self.replies = {"macro": macro, "locate": box, "micro": micro, "judge": "B"}
         self.scores = scores or {}
         self.generated: list[tuple[str, Conversation]] = []
         self.scored: list[tuple[Conversation, list[str]]] = []
@@ -40,9 +44,15 @@ class ScriptedBackend:
         text = conversation.turns[-1].text
         if text.startswith("Please provide the bounding box"):
             return "locate"
+        if len(conversation.turns) == 1 and len(conversation.images) == 2:
+            return "judge"
         if text.startswith("Please combine"):
             return "micro"
         return "macro"
+
+    @property
+    def abilities(self) -> Abilities:
+        return Abilities(prompt_logprobs=True)
 
     def generate(self, conversation: Conversation, max_new_tokens: int = 128) -> str:
         step = self.step_of(conversation)
@@ -57,6 +67,36 @@ class ScriptedBackend:
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         return (64, 64)
+
+
+class GenerationLogprobsBackend(ScriptedBackend):
+    """Reports each reply's token log-probabilities (`nlls`: mean NLL per reply text) and cannot score."""
+
+    def __init__(self, *args, nlls: dict[str, float] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nlls = nlls or {}
+
+    @property
+    def abilities(self) -> Abilities:
+        return Abilities(generation_logprobs=True)
+
+    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
+        replies = [self.generate(r.conversation, r.max_new_tokens) for r in requests]
+        return [Generation(text, (-self.nlls.get(text, 1.0),)) for text in replies]
+
+    def score(self, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
+        raise AssertionError("a backend without prompt log-probabilities is never asked to score")
+
+
+class BareBackend(ScriptedBackend):
+    """Text only: no log-probabilities of any kind (`score` raises)."""
+
+    @property
+    def abilities(self) -> Abilities:
+        return Abilities()
+
+    def score(self, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
+        return Backend.score(self, conversation, candidates)
 
 
 @pytest.fixture

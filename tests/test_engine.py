@@ -99,7 +99,7 @@ def test_equal_answers_skip_the_vote(scene: Image.Image) -> None:
         ("A.", "(A)", "A", "macro", False),  # same option: no vote
         ("A", "I think so", "A", "macro", False),  # only macro valid
         ("no idea", "B. blue", "B", "micro", False),  # only micro valid
-        ("no idea", "maybe", "no idea", "macro", False),  # neither valid: macro stands
+        ("no idea", "maybe", None, None, False),  # neither valid: no answer, the fallback says why
         ("red", "blue", None, None, True),  # option texts count as their letters
     ],
 )

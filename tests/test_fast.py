@@ -1,4 +1,8 @@
-"""Fast DualFocus gives the plain engine's results: tiny random LLaVA and Qwen2-VL, the shipped model."""
+"""The session (fast) path gives the plain path's results: tiny random LLaVA and Qwen2-VL, the shipped model.
+
+The plain path is the same engine and backend with ``session=False``: no backend session, one
+generation per request, each computed from scratch.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +14,14 @@ import torch
 from conftest import ScriptedBackend
 from PIL import Image
 
-from df_agent.backends.base import Conversation
+from df_agent.backends.base import Conversation, Generation, GuessRejected, Request
 from df_agent.backends.hf import HFBackend
-from df_agent.backends.hf_fast import (
-    SPECULATION_FAILURES_ALLOWED,
-    AnswerDraft,
-    BoxDraft,
-    FastHFBackend,
-    SpeculationError,
-)
+from df_agent.backends.hf_fast import SPECULATION_FAILURES_ALLOWED, AnswerDraft, BoxDraft, SpeculationError
 from df_agent.boxes import Box
+from df_agent.calibration import calibrate_auto_threshold
 from df_agent.data.focusshapes import generate
 from df_agent.engine import DualFocus
-from df_agent.fast import FastDualFocus, calibrate_auto_threshold, result_differences
-from df_agent.results import FocusResult
+from df_agent.results import FocusResult, result_differences
 
 TINY = ["tiny_llava_backend", "tiny_qwen_backend"]
 
@@ -40,46 +38,42 @@ def backend(request: pytest.FixtureRequest) -> HFBackend:
     return request.getfixturevalue(request.param)
 
 
-def engines(backend: HFBackend, **kwargs) -> tuple[DualFocus, FastDualFocus]:
-    return DualFocus(backend, **kwargs), FastDualFocus(backend, **kwargs)
+def engines(backend: HFBackend, **kwargs) -> tuple[DualFocus, DualFocus]:
+    """The plain and the session path over one fresh backend (its drafts and counters its own)."""
+    fresh = HFBackend.from_backend(backend)
+    return DualFocus(fresh, session=False, **kwargs), DualFocus(fresh, **kwargs)
 
 
 def assert_same(plain: FocusResult, fast: FocusResult) -> None:
     assert result_differences(plain, fast) == []
 
 
-class BoxedReply:
+class BoxedHF(HFBackend):
     """Replaces the reply to a box request by a readable box derived from the model's reply.
 
     Random models never write a readable box; this lets zoom, micro and the vote run on them.
     """
 
-    def generate(self, conversation: Conversation, max_new_tokens: int = 128) -> str:
-        text = super().generate(conversation, max_new_tokens)  # type: ignore[misc]
-        if not conversation.turns[-1].text.startswith(
-            ("Please provide the bounding box", "Locate the region")
-        ):
-            return text
+    def generate_many(self, requests) -> list[Generation]:
+        replies = super().generate_many(requests)
+        return [
+            Generation(self._box(g.text), g.token_logprobs) if r.reply == "box" else g
+            for r, g in zip(requests, replies, strict=True)
+        ]
+
+    def _box(self, text: str) -> str:
         code = sum(text.encode()) % 50
-        if self.box_convention.value == "fraction":  # type: ignore[attr-defined]
+        if self.box_convention.value == "fraction":
             return f"[{code / 100:.2f},{code / 200:.2f},{0.5 + code / 100:.2f},{0.6 + code / 200:.2f}]"
         return f"({code * 10},{code * 5}),({500 + code * 10},{600 + code * 5})"
 
 
-class BoxedHF(BoxedReply, HFBackend):
-    pass
-
-
-class BoxedFastHF(BoxedReply, FastHFBackend):
-    pass
-
-
-def boxed(backend: HFBackend) -> tuple[HFBackend, FastHFBackend]:
-    kwargs = {"model_id": backend.model_id, "box_convention": backend.box_convention}
-    return (
-        BoxedHF(backend.model, backend.processor, **kwargs),
-        BoxedFastHF(backend.model, backend.processor, **kwargs),
+def boxed(backend: HFBackend, **kwargs) -> tuple[DualFocus, DualFocus]:
+    """The plain and the session path over a backend whose boxes are always readable."""
+    fresh = BoxedHF(
+        backend.model, backend.processor, model_id=backend.model_id, box_convention=backend.box_convention
     )
+    return DualFocus(fresh, session=False, **kwargs), DualFocus(fresh, **kwargs)
 
 
 @pytest.fixture
@@ -116,9 +110,7 @@ def test_ask_gives_the_plain_result(backend: HFBackend, questions, mode: str, th
 
 @pytest.mark.parametrize("arbitration", ["official", "own_context", "average"])
 def test_zoom_micro_and_vote_give_the_plain_result(backend: HFBackend, questions, arbitration: str) -> None:
-    plain_backend, fast_backend = boxed(backend)
-    plain = DualFocus(plain_backend, max_new_tokens=6, arbitration=arbitration)
-    fast = FastDualFocus(fast_backend, max_new_tokens=6, arbitration=arbitration)
+    plain, fast = boxed(backend, max_new_tokens=6, arbitration=arbitration)
     results = []
     for image, question in questions[:4]:
         expected, got = plain.ask(image, question), fast.ask(image, question)
@@ -129,8 +121,7 @@ def test_zoom_micro_and_vote_give_the_plain_result(backend: HFBackend, questions
 
 
 def test_multiple_choice_gives_the_plain_result(backend: HFBackend, questions) -> None:
-    plain_backend, fast_backend = boxed(backend)
-    plain, fast = DualFocus(plain_backend, max_new_tokens=4), FastDualFocus(fast_backend, max_new_tokens=4)
+    plain, fast = boxed(backend, max_new_tokens=4)
     image, question = questions[1]
     options = ["red", "blue", "green"]
     assert_same(plain.ask(image, question, options=options), fast.ask(image, question, options=options))
@@ -186,16 +177,32 @@ def prompt_length(backend: HFBackend, conversation: Conversation) -> int:
 
 
 def test_score_matches_plain_for_several_candidates(backend: HFBackend, questions) -> None:
-    fast_backend = FastHFBackend.from_backend(backend)
     image, question = questions[0]
     conversation = Conversation().user(question, [image])
     candidates = ["red", "a blue square", "7", "yes"]
-    assert fast_backend.score(conversation, candidates) == pytest.approx(
-        backend.score(conversation, candidates), abs=1e-4
-    )
-    with pytest.raises(ValueError, match="non-empty"):
-        fast_backend.score(conversation, ["red", " "])
-    assert fast_backend.score(conversation, []) == []
+    expected = backend.score(conversation, candidates)  # outside a session: the plain path
+    with backend.session():
+        assert backend.score(conversation, candidates) == pytest.approx(expected, abs=1e-4)
+        with pytest.raises(ValueError, match="non-empty"):
+            backend.score(conversation, ["red", " "])
+        assert backend.score(conversation, []) == []
+
+
+def test_generation_logprobs_match_plain_and_give_the_scored_nll(backend: HFBackend, questions) -> None:
+    image, question = questions[1]
+    conversation = Conversation().user(question, [image])
+    [plain] = backend.generate_many([Request(conversation, 6)])
+    with backend.session():
+        [fast] = backend.generate_many([Request(conversation, 6)])
+    assert fast.text == plain.text
+    assert fast.token_logprobs == pytest.approx(plain.token_logprobs, abs=1e-4)
+    assert backend.abilities.generation_logprobs and backend.abilities.session
+    if plain.text.strip() and len(plain.token_logprobs) < 6:  # ended by the model: the reply's own NLL
+        assert plain.mean_nll == pytest.approx(backend.score(conversation, [plain.text])[0], abs=1e-3)
+
+
+def test_speculation_error_is_a_guess_rejected() -> None:
+    assert issubclass(SpeculationError, GuessRejected)
 
 
 # -- drafts -----------------------------------------------------------------------------------------
@@ -225,7 +232,7 @@ class ReplayDraft:
 @pytest.mark.parametrize("wrong", [0, 2, 1])
 def test_drafts_never_change_the_reply(tiny_llava_backend: HFBackend, questions, wrong: int) -> None:
     backend = tiny_llava_backend
-    fast = FastHFBackend.from_backend(backend)
+    fast = HFBackend.from_backend(backend)
     image, question = questions[2]
     conversation = Conversation().user(question, [image])
     inputs = backend.encode([backend.render(conversation, add_generation_prompt=True)], [image])
@@ -237,9 +244,10 @@ def test_drafts_never_change_the_reply(tiny_llava_backend: HFBackend, questions,
     passes = []
     original = fast._forward
     fast._forward = lambda *args: passes.append(1) or original(*args)  # type: ignore[method-assign]
+    fast.box_draft = ReplayDraft(reply, n=3, wrong=wrong, vocab=len(backend.tokenizer))
+    expected = backend.generate(conversation, 24)
     with fast.session():
-        fast.prefetch(conversation, 24, ReplayDraft(reply, n=3, wrong=wrong, vocab=len(backend.tokenizer)))
-        assert fast.generate(conversation, 24) == backend.generate(conversation, 24)
+        assert fast.generate_many([Request(conversation, 24, reply="box")])[0].text == expected
     if wrong == 0:  # right proposals: four tokens a pass
         assert len(passes) <= math.ceil(len(reply) / 4) + 1
 
@@ -277,14 +285,14 @@ def short_replies(tiny_llava_backend: HFBackend, questions) -> Iterator[tuple[Co
 
 def test_speculation_returns_early_and_confirms_in_the_next_pass(tiny_llava_backend, short_replies) -> None:
     conversation, reply = short_replies
-    fast = FastHFBackend.from_backend(tiny_llava_backend)
+    fast = HFBackend.from_backend(tiny_llava_backend)
     expected = tiny_llava_backend.generate(conversation, 8)
     passes = []
     original = fast._run_pass
     fast._run_pass = lambda *args: passes.append(1) or original(*args)  # type: ignore[method-assign]
+    fast.box_draft = ClosingDraft(len(reply) - 2, reply[-2:])
     with fast.session(speculate=True):
-        fast.prefetch(conversation, 8, ClosingDraft(len(reply) - 2, reply[-2:]))
-        assert fast.generate(conversation, 8) == expected
+        assert fast.generate_many([Request(conversation, 8, reply="box")])[0].text == expected
         assert len(passes) == len(reply) - 2  # the last two tokens were not waited for
     assert len(passes) == len(reply) - 1  # ... and were confirmed when the session closed
 
@@ -293,11 +301,10 @@ def test_wrong_speculation_raises_and_engine_redoes_the_question(
     tiny_llava_backend, short_replies, questions
 ):
     conversation, reply = short_replies
-    fast = FastHFBackend.from_backend(tiny_llava_backend)
-    wrong = ClosingDraft(len(reply) - 2, [reply[-2] + 1, reply[-1]])
+    fast = HFBackend.from_backend(tiny_llava_backend)
+    fast.box_draft = ClosingDraft(len(reply) - 2, [reply[-2] + 1, reply[-1]])
     with pytest.raises(SpeculationError), fast.session(speculate=True):
-        fast.prefetch(conversation, 8, wrong)
-        fast.generate(conversation, 8)
+        fast.generate_many([Request(conversation, 8, reply="box")])
 
     # an engine whose box draft guesses wrong: the question is redone and gives the plain result
     plain, engine = engines(tiny_llava_backend, max_new_tokens=4)
@@ -357,7 +364,7 @@ def test_box_draft_needs_single_token_numbers(
         BoxDraft.for_tokenizer(tiny_llava_backend.tokenizer, tiny_llava_backend.tokenizer.eos_token_id)
         is None
     )
-    assert FastHFBackend.from_backend(tiny_qwen_backend).box_draft is None  # boxes in 0..1000
+    assert tiny_qwen_backend.box_draft is None  # boxes in 0..1000
 
 
 # -- the plain path where the fast one cannot serve ---------------------------------------------------
@@ -373,7 +380,8 @@ def test_non_greedy_generation_settings_use_the_plain_path(tiny_llava_backend: H
         assert_same(plain.ask(image, question), fast.ask(image, question))
     finally:
         config.repetition_penalty = 1.0
-    assert FastHFBackend.from_backend(tiny_llava_backend).fast
+    assert HFBackend.from_backend(tiny_llava_backend).fast
+    assert not HFBackend.from_backend(tiny_llava_backend, fast=False).abilities.session
 
 
 def test_eager_attention_gives_the_plain_result(tiny_llava_backend: HFBackend, questions) -> None:
@@ -391,9 +399,9 @@ def test_eager_attention_gives_the_plain_result(tiny_llava_backend: HFBackend, q
 def test_backends_without_sessions_run_the_plain_protocol(scene: Image.Image) -> None:
     def run(engine_type):
         backend = ScriptedBackend(macro="red", micro="blue", scores={"red": 2.0, "blue": 0.5})
-        return engine_type(backend).ask(scene, "What colour is the square?"), backend
+        return DualFocus(backend, session=engine_type).ask(scene, "What colour is the square?"), backend
 
-    (plain, plain_backend), (fast, fast_backend) = run(DualFocus), run(FastDualFocus)
+    (plain, plain_backend), (fast, fast_backend) = run(False), run(True)
     assert_same(plain, fast)
     assert [s for s, _ in plain_backend.generated] == [s for s, _ in fast_backend.generated]
 
@@ -448,7 +456,7 @@ def test_shipped_model_fast_gives_the_plain_results() -> None:
     except FileNotFoundError:
         pytest.skip("the shipped model is not in df_agent/model/ yet")
     backend = HFBackend.from_pretrained(path, device="cpu")
-    plain, fast = DualFocus(backend), FastDualFocus(backend)
+    plain, fast = DualFocus(backend, session=False), DualFocus(backend)
     assert fast.backend.fast and fast.backend.box_draft is not None
     scenes, records = generate(4242, 8)
     images = {f"images/{scene.id}.png": scene.image for scene in scenes}

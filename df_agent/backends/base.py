@@ -18,6 +18,10 @@ class ScoringUnavailableError(RuntimeError):
     """The backend cannot score candidates (e.g. a server that returns no prompt log-probabilities)."""
 
 
+class PromptMismatchError(RuntimeError):
+    """The chat template did not render the prompt as a prefix of prompt + reply."""
+
+
 @dataclass(frozen=True)
 class Turn:
     """One message: a role, its text and the images shown before the text (user turns only)."""
@@ -167,6 +171,15 @@ class Backend:
         """The (width, height) the model's image processor resizes `image` to (default: unchanged)."""
         return image.size
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens one conversation may hold, where known (default: None, not checked)."""
+        return None
+
+    def count_tokens(self, text: str) -> int | None:
+        """How many tokens `text` is for this model, where known (default: None)."""
+        return None
+
     def input_warnings(self, image: Image.Image, question: str) -> list[str]:
         """What to doubt about this model's answer to `question` on `image` (default: nothing known)."""
         return []
@@ -187,6 +200,7 @@ __all__ = [
     "Conversation",
     "Generation",
     "GuessRejected",
+    "PromptMismatchError",
     "ReplyKind",
     "Request",
     "Role",

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from df_agent.backends import caveats
-from df_agent.backends.base import Conversation
+from df_agent.backends.base import Abilities, Backend, Conversation, Generation, PromptMismatchError, Request
 from df_agent.backends.checkpoints import quiet_loading, resolve_checkpoint
+from df_agent.backends.hf_fast.backend import FastPath
 from df_agent.boxes import BoxConvention
 
-# model_type -> (box convention, prompt family); see shared/dualfocus.md "Box conventions".
+# model_type -> (box convention, prompt family); see docs/protocol.md.
 FAMILIES: dict[str, tuple[BoxConvention, str]] = {
     "llava": (BoxConvention.FRACTION, "dualfocus"),
     "llava_next": (BoxConvention.FRACTION, "dualfocus"),
@@ -42,12 +43,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class PromptMismatchError(RuntimeError):
-    """The chat template did not render the prompt as a prefix of prompt + reply."""
+class PlainHFBackend(Backend):
+    """A transformers image-text-to-text model and its processor, each call computed from scratch.
 
-
-class HFBackend:
-    """A transformers image-text-to-text model and its processor.
+    `HFBackend` adds the fast path inside sessions; this is the plain path it falls back to.
 
     Args:
         model: A loaded `AutoModelForImageTextToText` model.
@@ -56,6 +55,11 @@ class HFBackend:
         box_convention: How the model writes boxes; default from `model.config.model_type`.
         prompt_family: The prompt set; default from `model.config.model_type`.
     """
+
+    @property
+    def abilities(self) -> Abilities:
+        """Prompt log-probabilities (`score`) and generation log-probabilities; no session."""
+        return Abilities(prompt_logprobs=True, generation_logprobs=True)
 
     def __init__(
         self,
@@ -172,6 +176,17 @@ class HFBackend:
 
     def generate(self, conversation: Conversation, max_new_tokens: int = 128) -> str:
         """Greedy reply to a conversation that ends with a user turn."""
+        return self.generate_many([Request(conversation, max_new_tokens)])[0].text
+
+    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
+        """Greedy replies, one `model.generate` each, with their tokens' log-probabilities.
+
+        The log-probabilities are those of the chosen tokens under the model's logits (the end of
+        turn excluded), so their mean is the reply's own mean NLL.
+        """
+        return [self._generate_one(r.conversation, r.max_new_tokens) for r in requests]
+
+    def _generate_one(self, conversation: Conversation, max_new_tokens: int) -> Generation:
         if not conversation.turns or conversation.turns[-1].role != "user":
             raise ValueError("generate needs a conversation that ends with a user turn")
         text = self.render(conversation, add_generation_prompt=True)
@@ -182,9 +197,21 @@ class HFBackend:
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
             )
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        return self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        new_tokens = output.sequences[0, inputs["input_ids"].shape[1] :]
+        logprobs = [
+            float(torch.log_softmax(step[0].float(), dim=-1)[token])
+            for step, token in zip(output.logits, new_tokens.tolist(), strict=False)
+        ]
+        eos = self.model.generation_config.eos_token_id
+        end_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if len(new_tokens) and int(new_tokens[-1]) in end_ids:
+            logprobs = logprobs[:-1]
+        return Generation(
+            self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), tuple(logprobs)
+        )
 
     def score(self, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
         """Mean negative log-likelihood of each candidate's tokens as the reply (lower is better).
@@ -207,6 +234,15 @@ class HFBackend:
             -token_logprobs[row, start - 1 : end - 1].mean().item() for row, (start, end) in enumerate(spans)
         ]
 
+    @property
+    def context_length(self) -> int | None:
+        """The language model's positions (`max_position_embeddings`)."""
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    def count_tokens(self, text: str) -> int | None:
+        """The tokenizer's count for `text` (no special tokens)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """The (width, height) the image processor resizes `image` to."""
         image_processor = self.processor.image_processor
@@ -225,7 +261,19 @@ class HFBackend:
         return caveats.input_warnings(self.tokenizer, question, image, shipped=shipped)
 
 
-def encode_for_training(backend: HFBackend, conversation: Conversation, reply: str) -> dict:
+class HFBackend(FastPath, PlainHFBackend):
+    """A transformers image-text-to-text model, fast inside a `session()` (see `FastPath`).
+
+    Outside a session every call is the plain one (`PlainHFBackend`); inside one, images are encoded
+    once, prefixes are reused and `generate_many` decodes its requests side by side.
+
+    Args:
+        model, processor, model_id, box_convention, prompt_family: As for `PlainHFBackend`.
+        fast: False turns the fast path off (``abilities.session`` is then False).
+    """
+
+
+def encode_for_training(backend: PlainHFBackend, conversation: Conversation, reply: str) -> dict:
     """Model inputs with `labels`: -100 everywhere but the reply and its end-of-turn tokens."""
     batch, [(start, end)] = backend.encode_reply(conversation, [reply], end_of_turn=True)
     labels = torch.full_like(batch["input_ids"], -100)
@@ -233,9 +281,14 @@ def encode_for_training(backend: HFBackend, conversation: Conversation, reply: s
     return {**batch, "labels": labels}
 
 
+# The fast backend's former name: the fast path is part of `HFBackend` now.
+FastHFBackend = HFBackend
+
 __all__ = [
     "FAMILIES",
+    "FastHFBackend",
     "HFBackend",
+    "PlainHFBackend",
     "PromptMismatchError",
     "default_device",
     "encode_for_training",

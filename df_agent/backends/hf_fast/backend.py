@@ -1,11 +1,11 @@
 """The transformers backend, fast: one vision pass per image and one growing key/value cache per question.
 
-Inside a `session()` (one DualFocus question), `FastHFBackend` keeps a *prefix tree* of everything it
-computed in a single key/value cache: the image prefix that the macro question and the box request
-share, the box turn that the micro turn continues, the micro prefix that the scoring pass continues.
-Each forward pass starts where the longest computed prefix ends; several branches (the macro answer
-and the box, two candidates) go through one pass side by side under a tree attention mask, with the
-rotary positions each would have alone; each image is encoded once.
+Inside a `session()` (one DualFocus question), `FastPath` (the fast part of `HFBackend`) keeps a
+*prefix tree* of everything it computed in a single key/value cache: the image prefix that the macro
+question and the box request share, the box turn that the micro turn continues, the micro prefix that
+the scoring pass continues. Each forward pass starts where the longest computed prefix ends; several
+branches (the macro answer and the box, two candidates) go through one pass side by side under a tree
+attention mask, with the rotary positions each would have alone; each image is encoded once.
 
 Decoding is greedy and checks as it goes: a `Draft` proposes tokens (the brackets and commas a box's
 grammar fixes, a box or an answer seen before); the model scores them in the same pass and only those
@@ -13,28 +13,32 @@ it would have chosen itself are kept. So answers are the plain greedy answers an
 scores, up to floating-point rounding (fp32: about 1e-6), and a choice between two tokens closer than
 rounding could tell apart (`TIE_TOLERANCE`) is left to the plain path. In a `session(speculate=True)`
 a reply whose draft says how it ends is returned before the model confirms the end, which rides on
-the next pass (`SpeculationError` if the model disagreed). Models, attention kernels or generation
-settings this path does not handle fall back to the plain `HFBackend` methods.
+the next pass (`SpeculationError`, a `GuessRejected`, if the model disagreed). Models, attention
+kernels or generation settings this path does not handle fall back to the plain `PlainHFBackend`
+methods, as does every call made outside a session.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
-from df_agent.backends.base import Conversation
-from df_agent.backends.hf import HFBackend, PromptMismatchError
+from df_agent.backends.base import (
+    Abilities,
+    Conversation,
+    Generation,
+    GuessRejected,
+    PromptMismatchError,
+    Request,
+)
+from df_agent.backends.hf_fast.drafts import AnswerDraft, BoxDraft, Draft
+from df_agent.backends.hf_fast.tree import Branch, EncodedImage, Pass, Row, Session, TokenSequence
 
 logger = logging.getLogger(__name__)
 
@@ -55,263 +59,38 @@ _SEARCH_SETTINGS = (
     "exponential_decay_length_penalty", "renormalize_logits", "stop_strings", "max_time", "penalty_alpha",
     "dola_layers", "prompt_lookup_num_tokens", "guidance_scale", "watermarking_config",
 )  # fmt: skip
+_SESSION: ContextVar[Session | None] = ContextVar("df_agent_fast_session", default=None)
 
 
-class Draft(Protocol):
-    """Guesses at what a reply will say; the model keeps only the guesses it would have made itself."""
+class FastPath:
+    """The fast path of `df_agent.backends.hf.HFBackend`: same `generate` and `score` results, less work.
 
-    def propose(self, generated: Sequence[int]) -> Sequence[int]:
-        """Tokens worth checking next, given the tokens generated so far (possibly none)."""
-        ...
-
-    def ending(self, generated: Sequence[int]) -> Sequence[int]:
-        """The tokens that end the reply here if the model keeps to its format (end of turn last), or []."""
-        ...
-
-    def learn(self, reply: Sequence[int]) -> None:
-        """See a finished reply (all its tokens; the end of a guessed ending may be unconfirmed yet)."""
-        ...
-
-
-class BoxDraft:
-    """Drafts boxes ``[x1,y1,x2,y2]`` for tokenizers that write each number as one token.
-
-    It proposes the grammar's fixed tokens (``[``, the commas, ``]`` and the end of turn) and, where
-    the box so far begins like a box the model wrote before, the rest of the most frequent such box:
-    a model that reuses boxes (whole-image boxes, a favourite position) then writes one in a pass or
-    two. `ending` is the grammar's part only: ``]`` and the end of turn after the fourth number.
-
-    Args:
-        open_id, comma_id, close_id: The ``[``, ``,`` and ``]`` tokens.
-        end_id: The end-of-turn token.
-        number_ids: Every token that is a number.
-        memory: How many different boxes to remember.
+    A mixin over `PlainHFBackend` (which its `super()` calls reach). Use `session()` around the calls
+    of one question (`DualFocus.ask` does): images are encoded once, and each forward pass continues
+    the longest prefix already computed in the session; calls outside a session are the plain ones.
+    `generate_many` decodes its requests side by side in the same forward passes (the macro answer and
+    the box request), a ``reply="box"`` request under `box_draft`, the others under an `AnswerDraft`.
+    `fast` says whether this model takes the fast path at all (else `abilities.session` is False).
+    `from_backend` shares an existing backend's model and processor.
     """
 
-    def __init__(
-        self,
-        open_id: int,
-        comma_id: int,
-        close_id: int,
-        end_id: int,
-        number_ids: frozenset[int],
-        memory: int = 256,
-    ) -> None:
-        self.open_id, self.comma_id, self.close_id, self.end_id = open_id, comma_id, close_id, end_id
-        self.number_ids = number_ids
-        self.memory = memory
-        self.boxes: Counter[tuple[int, ...]] = Counter()
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer, end_id: int) -> BoxDraft | None:
-        """The draft for `tokenizer`; None unless brackets, commas and 2-decimal numbers are single tokens."""
-        ids = [tokenizer.encode(s, add_special_tokens=False) for s in ("[", ",", "]", "0.25")]
-        if any(len(i) != 1 for i in ids):
-            return None
-        numbers = frozenset(
-            i for token, i in tokenizer.get_vocab().items() if re.fullmatch(r"\d+(\.\d+)?", token)
-        )
-        box = tokenizer.encode("[0.12,0.34,0.56,0.78]", add_special_tokens=False)
-        if ids[3][0] not in numbers or len(box) != 9:
-            return None
-        return cls(ids[0][0], ids[1][0], ids[2][0], end_id, numbers)
-
-    def _open_box(self, generated: Sequence[int]) -> tuple[int, ...] | None:
-        """The tokens since the last ``[`` (with it); () before anything; None outside a box."""
-        if not generated:
-            return ()
-        if self.open_id not in generated:
-            return None
-        opened = len(generated) - 1 - list(reversed(generated)).index(self.open_id)
-        return tuple(generated[opened:])
-
-    def propose(self, generated: Sequence[int]) -> Sequence[int]:
-        box = self._open_box(generated)
-        if box is None:
-            return []
-        seen = [b for b, _ in self.boxes.most_common() if len(b) > len(box) and b[: len(box)] == box]
-        if seen:
-            return [*seen[0][len(box) :], self.end_id]
-        if not box:
-            return [self.open_id]
-        if box[-1] in self.number_ids:
-            return self.ending(generated) or [self.comma_id]
-        return []
-
-    def ending(self, generated: Sequence[int]) -> Sequence[int]:
-        box = self._open_box(generated)
-        if not box or box[-1] not in self.number_ids:
-            return []
-        return [self.close_id, self.end_id] if sum(t in self.number_ids for t in box) == 4 else []
-
-    def learn(self, reply: Sequence[int]) -> None:
-        box = tuple(reply[:-1]) if reply and reply[-1] == self.end_id else tuple(reply)
-        if len(box) == 9 and box[0] == self.open_id and box[-1] == self.close_id:
-            self.boxes[box] += 1
-            if len(self.boxes) > self.memory:
-                del self.boxes[min(self.boxes, key=self.boxes.__getitem__)]
-
-
-class AnswerDraft:
-    """Guesses at short answers: the last answer again, and where answers usually end.
-
-    It proposes the rest of the last answer it saw while the reply begins like it (the micro answer
-    often repeats the macro answer). Its `ending` (the end of turn) is offered once `warmup` answers
-    were seen and at least `agreement` of the last `window` had the current length.
-    """
-
-    def __init__(self, end_id: int, window: int = 50, agreement: float = 0.95, warmup: int = 5) -> None:
-        self.end_id, self.agreement, self.warmup = end_id, agreement, warmup
-        self.lengths: deque[int] = deque(maxlen=window)
-        self.last: list[int] = []
-
-    def propose(self, generated: Sequence[int]) -> Sequence[int]:
-        n = len(generated)
-        return self.last[n:] if len(self.last) > n and self.last[:n] == list(generated) else []
-
-    def ending(self, generated: Sequence[int]) -> Sequence[int]:
-        if len(self.lengths) < self.warmup:
-            return []
-        usual = self.lengths.count(len(generated)) >= self.agreement * len(self.lengths)
-        return [self.end_id] if usual else []
-
-    def learn(self, reply: Sequence[int]) -> None:
-        if reply and reply[-1] == self.end_id:
-            self.lengths.append(len(reply) - 1)
-            self.last = list(reply)
-
-
-@dataclass(eq=False)
-class _Image:
-    """An image as the model sees it: its features (one row per placeholder token) and input size."""
-
-    tag: int
-    features: torch.Tensor
-    grid: torch.Tensor | None
-    input_size: tuple[int, int]
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """Token ids with, per position, the tag of the image it shows (0 for text) and its rotary position."""
-
-    ids: torch.Tensor
-    tags: torch.Tensor
-    positions: torch.Tensor  # (P, L): P = 1, or 3 for multimodal rotary positions
-    images: list[_Image]
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def common(self, ids: torch.Tensor, tags: torch.Tensor, limit: int) -> int:
-        """Length of the common prefix with (ids, tags), at most `limit`."""
-        n = min(limit, len(self), ids.shape[0])
-        differ = ((self.ids[:n] != ids[:n]) | (self.tags[:n] != tags[:n])).nonzero()
-        return int(differ[0, 0]) if differ.numel() else n
-
-
-@dataclass(eq=False)
-class _Branch:
-    """A computed sequence in the tree: its ids, the cache slots of its first len(slots) tokens and
-    the log-probability of each generated token (by position)."""
-
-    ids: torch.Tensor
-    tags: torch.Tensor
-    slots: torch.Tensor
-    logprobs: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class _Row:
-    """One greedy generation in progress: its prompt, the cache slots of every token fed so far."""
-
-    prompt: _Sequence
-    max_new_tokens: int
-    draft: Draft | None
-    slots: list[int] = field(default_factory=list)
-    known: list[int] = field(default_factory=list)  # the chosen token not yet in the cache
-    generated: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    done: bool = False
-    tied: bool = False  # two tokens were too close to call: the plain path decides
-    closing: list[int] = field(default_factory=list)  # tokens taken on the draft's word, to confirm
-    branch: _Branch | None = None
-
-    @property
-    def next_position(self) -> int:
-        """Rotary position of the next token to feed (text positions advance by one)."""
-        return int(self.prompt.positions.max()) + 1 + len(self.slots) - len(self.prompt)
-
-
-class _Session:
-    """What one question computes: its images, the key/value tree, and generations asked for ahead."""
-
-    def __init__(self, device: torch.device, speculate: bool = False) -> None:
-        self.device = device
-        self.speculate = speculate
-        self.sequences: dict[tuple[str, tuple[int, ...]], _Sequence] = {}
-        self.unconfirmed: list[_Row] = []
-        self.images: list[tuple[tuple[str, tuple[int, int], bytes], _Image]] = []
-        self.by_id: dict[int, tuple[Image.Image, _Image]] = {}
-        self.cache = DynamicCache()
-        self.size = 0
-        self.branches: list[_Branch] = []
-        self.rows: list[_Row] = []
-
-
-class _Pass:
-    """The tokens of one forward pass: items appended to the tree, each with the slots it may see."""
-
-    def __init__(self, session: _Session) -> None:
-        self.base = session.size
-        self.visible: list[torch.Tensor] = []
-        self.embeds: list[torch.Tensor] = []
-        self.positions: list[torch.Tensor] = []
-        self.confirming: list[tuple[_Row, torch.Tensor]] = []
-        self.size = 0
-
-    def add(self, visible: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Queue tokens that see `visible` and themselves (causally); returns their new slots."""
-        n = embeds.shape[0]
-        slots = torch.arange(self.base + self.size, self.base + self.size + n)
-        self.visible.append(visible)
-        self.embeds.append(embeds)
-        self.positions.append(positions)
-        self.size += n
-        return slots
-
-
-_SESSION: ContextVar[_Session | None] = ContextVar("df_agent_fast_session", default=None)
-
-
-class FastHFBackend(HFBackend):
-    """`HFBackend` with reuse: same `generate` and `score` results, much less computation per question.
-
-    Use `session()` around the calls of one question (`df_agent.fast.FastDualFocus` does): images are
-    encoded once, and each forward pass continues the longest prefix already computed in the session.
-    Outside a session each call is its own session. `prefetch` asks for a generation ahead of time so that
-    it runs in the same forward passes as the next one (the macro answer and the box request), under a
-    `Draft` such as `box_draft`; other generations use an `AnswerDraft`. `fast` says whether this model
-    takes the fast path at all. Same constructor as `HFBackend`; `from_backend` shares an existing
-    backend's model and processor.
-    """
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: object, fast: bool = True, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self._checked = False
         self._speculations = [0, 0]  # endings guessed, endings wrong
         self._answers = AnswerDraft(min(self.end_ids)) if self.end_ids else None
-        self.fast = self._fast_supported()
+        self.fast = fast and self._fast_supported()
 
     @classmethod
-    def from_backend(cls, backend: HFBackend) -> FastHFBackend:
-        """A fast backend over the same model and processor (nothing is copied)."""
+    def from_backend(cls, backend, *, fast: bool = True):
+        """A backend of this class over the same model and processor as `backend` (nothing is copied)."""
         return cls(
             backend.model,
             backend.processor,
             model_id=backend.model_id,
             box_convention=backend.box_convention,
             prompt_family=backend.prompt_family,
+            fast=fast,
         )
 
     def _fast_supported(self) -> bool:
@@ -360,9 +139,8 @@ class FastHFBackend(HFBackend):
                 when the session closes) and whatever used the reply must be redone without.
         """
         guessed, wrong = self._speculations
-        session = _Session(
-            super().device, speculate and wrong <= SPECULATION_FAILURES_ALLOWED + guessed // 20
-        )
+        session = Session(super().device, speculate and wrong <= SPECULATION_FAILURES_ALLOWED + guessed // 20)
+        session.owner = self
         token = _SESSION.set(session)
         try:
             yield
@@ -375,40 +153,40 @@ class FastHFBackend(HFBackend):
     @property
     def device(self) -> torch.device:
         """The model's device (looked up once per session)."""
-        session = _SESSION.get()
+        session = self._active()
         return super().device if session is None else session.device
 
     @property
     def tokens_computed(self) -> int:
         """Tokens run through the language model so far in the current session (0 outside one)."""
-        session = _SESSION.get()
+        session = self._active()
         return 0 if session is None else session.size
 
-    @contextmanager
-    def _current(self) -> Iterator[_Session]:
+    def _active(self) -> Session | None:
+        """The session this backend opened and the caller is in, if any."""
         session = _SESSION.get()
-        if session is not None:
-            yield session
-            return
-        with self.session():
-            yield _SESSION.get()  # type: ignore[misc]
+        return session if session is not None and session.owner is self else None
 
     # -- encoding ------------------------------------------------------------------------------
 
-    def _image(self, session: _Session, image: Image.Image) -> _Image:
-        """The image's features, computed once per session (images are matched by their pixels)."""
-        held = session.by_id.get(id(image))
-        if held is not None and held[0] is image:
-            return held[1]
-        key = (image.mode, image.size, image.tobytes())
-        entry = next((e for k, e in session.images if k == key), None)
+    def _image(self, session: Session, image: Image.Image) -> EncodedImage:
+        """The image's features, computed once per session.
+
+        An image object seen before in the session is found by identity; a new object is compared
+        by pixels only with seen images of the same mode and size (the crop is never compared).
+        """
+        for seen, entry in session.images:
+            if seen is image:
+                return entry
+        same_shape = [(s, e) for s, e in session.images if (s.size, s.mode) == (image.size, image.mode)]
+        pixels = image.tobytes() if same_shape else b""
+        entry = next((e for s, e in same_shape if s.tobytes() == pixels), None)
         if entry is None:
-            entry = self._encode_image(image, tag=len(session.images) + 1)
-            session.images.append((key, entry))
-        session.by_id[id(image)] = (image, entry)
+            entry = self._encode_image(image, tag=len({id(e) for _, e in session.images}) + 1)
+        session.images.append((image, entry))
         return entry
 
-    def _encode_image(self, image: Image.Image, tag: int) -> _Image:
+    def _encode_image(self, image: Image.Image, tag: int) -> EncodedImage:
         inputs = self.processor.image_processor(images=[image], return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device)
         grid = inputs.get("image_grid_thw")
@@ -416,13 +194,15 @@ class FastHFBackend(HFBackend):
             if grid is None:
                 out = self.model.get_image_features(pixel_values=pixel_values)
                 height, width = pixel_values.shape[-2:]
-                return _Image(tag, out.pooler_output[0], None, (int(width), int(height)))
+                return EncodedImage(tag, out.pooler_output[0], None, (int(width), int(height)))
             grid = grid.to(self.device)
             out = self.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid)
         patch = self.processor.image_processor.patch_size
-        return _Image(tag, out.pooler_output[0], grid, (int(grid[0, 2]) * patch, int(grid[0, 1]) * patch))
+        return EncodedImage(
+            tag, out.pooler_output[0], grid, (int(grid[0, 2]) * patch, int(grid[0, 1]) * patch)
+        )
 
-    def _sequence(self, session: _Session, text: str, images: Sequence[Image.Image]) -> _Sequence:
+    def _sequence(self, session: Session, text: str, images: Sequence[Image.Image]) -> TokenSequence:
         """Tokenise rendered text as the processor does, each image placeholder expanded to its features."""
         seen = [self._image(session, image) for image in images]
         key = (text, tuple(image.tag for image in seen))
@@ -456,13 +236,15 @@ class FastHFBackend(HFBackend):
             positions = positions[:, 0].cpu()
         else:
             positions = torch.arange(ids.shape[0])[None]
-        sequence = _Sequence(ids, tags, positions, seen)
+        sequence = TokenSequence(ids, tags, positions, seen)
         if not self._checked:
             self._check_against_processor(sequence, text, images)
         session.sequences[key] = sequence
         return sequence
 
-    def _check_against_processor(self, sequence: _Sequence, text: str, images: Sequence[Image.Image]) -> None:
+    def _check_against_processor(
+        self, sequence: TokenSequence, text: str, images: Sequence[Image.Image]
+    ) -> None:
         """Once per backend: the fast tokenisation must give the processor's ids and pixel values."""
         reference = self.encode([text], list(images))
         same = torch.equal(reference["input_ids"][0].cpu(), sequence.ids)
@@ -477,7 +259,7 @@ class FastHFBackend(HFBackend):
             )
             raise _FallBack
 
-    def _embed(self, sequence: _Sequence, start: int, end: int | None = None) -> torch.Tensor:
+    def _embed(self, sequence: TokenSequence, start: int, end: int | None = None) -> torch.Tensor:
         """Input embeddings of sequence[start:end], image features in place of image placeholders."""
         end = len(sequence) if end is None else end
         embeds = self.model.get_input_embeddings()(sequence.ids[start:end].to(self.device))
@@ -496,7 +278,7 @@ class FastHFBackend(HFBackend):
 
     # -- the tree ------------------------------------------------------------------------------
 
-    def _forward(self, session: _Session, step: _Pass) -> torch.Tensor:
+    def _forward(self, session: Session, step: Pass) -> torch.Tensor:
         """Run one pass: its tokens join the tree; returns their hidden states (row = slot - base).
 
         Replies still to be confirmed (see `session`) are confirmed in this pass: `_new_pass` queued
@@ -507,9 +289,9 @@ class FastHFBackend(HFBackend):
             self._confirm(session, row, self._logprobs(hidden[slots - step.base]))
         return hidden
 
-    def _new_pass(self, session: _Session) -> _Pass:
+    def _new_pass(self, session: Session) -> Pass:
         """A pass that starts with the closing tokens of the replies still to be confirmed."""
-        step = _Pass(session)
+        step = Pass(session)
         for row in session.unconfirmed:
             tokens = row.known + row.closing[:-1]  # the end of turn is confirmed, never fed
             slots = step.add(
@@ -524,7 +306,7 @@ class FastHFBackend(HFBackend):
         session.unconfirmed = []
         return step
 
-    def _speculate(self, session: _Session, row: _Row) -> None:
+    def _speculate(self, session: Session, row: Row) -> None:
         """Finish the row now if its draft says how it ends; the model confirms it in the next pass."""
         if not session.speculate or row.draft is None:
             return
@@ -540,7 +322,7 @@ class FastHFBackend(HFBackend):
         session.unconfirmed.append(row)
         row.draft.learn(row.generated)
 
-    def _confirm(self, session: _Session, row: _Row, logprobs: torch.Tensor) -> None:
+    def _confirm(self, session: Session, row: Row, logprobs: torch.Tensor) -> None:
         top = logprobs.topk(2, dim=-1)
         tolerance = TIE_TOLERANCE.get(self.model.dtype, 0.05)
         start = len(row.prompt) + len(row.generated) - len(row.closing)
@@ -554,7 +336,7 @@ class FastHFBackend(HFBackend):
             row.logprobs.append(float(logprobs[j, expected]))
             row.branch.logprobs[start + j] = row.logprobs[-1]  # type: ignore[union-attr]
 
-    def _run_pass(self, session: _Session, step: _Pass) -> torch.Tensor:
+    def _run_pass(self, session: Session, step: Pass) -> torch.Tensor:
         base, total = step.base, step.size
         mask = torch.zeros(total, base + total, dtype=torch.bool)
         offset = 0
@@ -588,7 +370,7 @@ class FastHFBackend(HFBackend):
         return torch.log_softmax(self.model.get_output_embeddings()(hidden).float(), dim=-1)
 
     def _add_sequences(
-        self, session: _Session, step: _Pass, sequences: list[_Sequence], caps: list[int]
+        self, session: Session, step: Pass, sequences: list[TokenSequence], caps: list[int]
     ) -> list[torch.Tensor]:
         """Queue what is missing of each sequence; returns each sequence's slots, one per token.
 
@@ -622,54 +404,56 @@ class FastHFBackend(HFBackend):
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _row(
-        self, session: _Session, conversation: Conversation, max_new_tokens: int, draft: Draft | None
-    ) -> _Row:
+    def _row(self, session: Session, request: Request) -> Row:
+        conversation = request.conversation
         if not conversation.turns or conversation.turns[-1].role != "user":
             raise ValueError("generate needs a conversation that ends with a user turn")
         text = self.render(conversation, add_generation_prompt=True)
-        draft = draft if draft is not None else self._answers
-        return _Row(self._sequence(session, text, conversation.images), max_new_tokens, draft)
-
-    def prefetch(
-        self, conversation: Conversation, max_new_tokens: int = 128, draft: Draft | None = None
-    ) -> None:
-        """Ask now for a greedy reply that a later `generate` of the same conversation will return.
-
-        It is decoded in the same forward passes as the next generations of the session; `draft`
-        (for example `box_draft`) proposes tokens the model then only has to confirm. Outside a
-        session, or on the plain path, this does nothing.
-        """
-        session = _SESSION.get()
-        if session is None or not self.fast:
-            return
-        try:
-            with torch.inference_mode():
-                session.rows.append(self._row(session, conversation, max_new_tokens, draft))
-        except _FallBack:
-            return
+        draft = self.box_draft if request.reply == "box" else None
+        return Row(
+            self._sequence(session, text, conversation.images),
+            request.max_new_tokens,
+            draft if draft is not None else self._answers,
+        )
 
     def generate(self, conversation: Conversation, max_new_tokens: int = 128) -> str:
         """Greedy reply to a conversation that ends with a user turn (the plain path's reply)."""
-        if not self.fast:
-            return super().generate(conversation, max_new_tokens)
-        try:
-            with self._current() as session, torch.inference_mode():
-                wanted = self._row(session, conversation, max_new_tokens, None)
-                row = next((r for r in session.rows if _same_request(r, wanted)), None)
-                if row is None:
-                    row = wanted
-                    session.rows.append(row)
-                while not row.done:
-                    self._step(session, [r for r in session.rows if not r.done])
-                session.rows.remove(row)
-        except _FallBack:
-            return super().generate(conversation, max_new_tokens)
-        if row.tied:
-            return super().generate(conversation, max_new_tokens)
-        return self.tokenizer.decode(row.generated, skip_special_tokens=True).strip()
+        return self.generate_many([Request(conversation, max_new_tokens)])[0].text
 
-    def _step(self, session: _Session, rows: list[_Row]) -> None:
+    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
+        """Greedy replies to the requests, decoded side by side in the same forward passes.
+
+        Each `Generation` carries its tokens' log-probabilities (the end of turn excluded); a reply
+        returned on a guess (see `session`) whose last tokens are not confirmed yet carries None.
+        A reply the fast path cannot decide (a tie within rounding) is the plain path's.
+        """
+        session = self._active()
+        if session is None or not self.fast:
+            return super().generate_many(requests)
+        try:
+            with torch.inference_mode():
+                rows = [self._row(session, request) for request in requests]
+                session.rows.extend(rows)
+                while not all(row.done for row in rows):
+                    self._step(session, [r for r in session.rows if not r.done])
+                for row in rows:
+                    session.rows.remove(row)
+        except _FallBack:
+            return super().generate_many(requests)
+        plain = super().generate_many
+        return [
+            plain([request])[0] if row.tied else self._generation(row)
+            for row, request in zip(rows, requests, strict=True)
+        ]
+
+    def _generation(self, row: Row) -> Generation:
+        tokens = row.generated
+        ended = bool(tokens) and tokens[-1] in self.end_ids
+        unconfirmed = bool(row.closing) and row.closing[:-1] and len(row.logprobs) < len(tokens)
+        logprobs = None if unconfirmed else tuple(row.logprobs[: len(tokens) - ended])
+        return Generation(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), logprobs)
+
+    def _step(self, session: Session, rows: list[Row]) -> None:
         """One forward pass for the unfinished rows: feed what is known and the drafts, then verify."""
         step = self._new_pass(session)
         fresh = [row for row in rows if not row.slots]
@@ -704,7 +488,7 @@ class FastHFBackend(HFBackend):
             self._verify(session, row, drafts, draft_slots.tolist(), self._logprobs(hidden[queries]))
 
     def _verify(
-        self, session: _Session, row: _Row, drafts: list[int], draft_slots: list[int], logprobs: torch.Tensor
+        self, session: Session, row: Row, drafts: list[int], draft_slots: list[int], logprobs: torch.Tensor
     ) -> None:
         """Keep the drafts the model would have chosen; the first disagreement is the model's own token.
 
@@ -734,11 +518,11 @@ class FastHFBackend(HFBackend):
                 self._speculate(session, row)
                 return
 
-    def _keep(self, session: _Session, row: _Row) -> None:
+    def _keep(self, session: Session, row: Row) -> None:
         """Record a finished generation as a branch of the tree, with its tokens' log-probabilities."""
         n = len(row.prompt)
         generated = torch.tensor(row.generated, dtype=torch.long)
-        row.branch = _Branch(
+        row.branch = Branch(
             ids=torch.cat([row.prompt.ids, generated]),
             tags=torch.cat([row.prompt.tags, torch.zeros_like(generated)]),
             slots=torch.tensor(row.slots),
@@ -748,21 +532,27 @@ class FastHFBackend(HFBackend):
 
     # -- scoring -------------------------------------------------------------------------------
 
+    @property
+    def abilities(self) -> Abilities:
+        """Prompt and generation log-probabilities; a session when the model takes the fast path."""
+        return Abilities(prompt_logprobs=True, generation_logprobs=True, session=self.fast)
+
     def score(self, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
         """Mean negative log-likelihood of each candidate's tokens as the reply (the plain path's scores)."""
-        if not self.fast:
+        session = self._active()
+        if session is None or not self.fast:
             return super().score(conversation, candidates)
         if not candidates:
             return []
         if any(not isinstance(c, str) or not c.strip() for c in candidates):
             raise ValueError("candidates must be non-empty strings")
         try:
-            with self._current() as session, torch.inference_mode():
+            with torch.inference_mode():
                 return self._score(session, conversation, candidates)
         except _FallBack:
             return super().score(conversation, candidates)
 
-    def _score(self, session: _Session, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
+    def _score(self, session: Session, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
         images = conversation.images
         prompt = self._sequence(session, self.render(conversation, add_generation_prompt=True), images)
         n = len(prompt)
@@ -789,11 +579,11 @@ class FastHFBackend(HFBackend):
                 token_logprobs = logprobs.gather(-1, row.ids[n:, None].to(self.device))[:, 0]
                 scores[i] = -token_logprobs.mean().item()
                 session.branches.append(
-                    _Branch(row.ids, row.tags, slots, {n + k: float(v) for k, v in enumerate(token_logprobs)})
+                    Branch(row.ids, row.tags, slots, {n + k: float(v) for k, v in enumerate(token_logprobs)})
                 )
         return scores  # type: ignore[return-value]
 
-    def _recorded(self, session: _Session, row: _Sequence, start: int) -> float | None:
+    def _recorded(self, session: Session, row: TokenSequence, start: int) -> float | None:
         """The score of row[start:] from log-probabilities recorded earlier in the session, if any."""
         for branch in session.branches:
             if all(i in branch.logprobs for i in range(start, len(row))) and row.common(
@@ -804,14 +594,14 @@ class FastHFBackend(HFBackend):
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """The (width, height) the image processor resizes `image` to."""
-        session = _SESSION.get()
+        session = self._active()
         if session is None or not self.fast:
             return super().input_size(image)
         with torch.inference_mode():
             return self._image(session, image).input_size
 
 
-class SpeculationError(RuntimeError):
+class SpeculationError(GuessRejected):
     """A reply returned on its draft's word was not the model's: redo what used it, without speculation."""
 
 
@@ -819,16 +609,8 @@ class _FallBack(Exception):
     """The fast path cannot serve this backend; the plain one does."""
 
 
-def _text_positions(row: _Row, start: int, n: int) -> torch.Tensor:
+def _text_positions(row: Row, start: int, n: int) -> torch.Tensor:
     return torch.arange(start, start + n).expand(row.prompt.positions.shape[0], -1)
-
-
-def _same_request(row: _Row, wanted: _Row) -> bool:
-    return (
-        row.max_new_tokens == wanted.max_new_tokens
-        and len(row.prompt) == len(wanted.prompt)
-        and row.prompt.common(wanted.prompt.ids, wanted.prompt.tags, len(row.prompt)) == len(row.prompt)
-    )
 
 
 __all__ = [
@@ -838,6 +620,6 @@ __all__ = [
     "AnswerDraft",
     "BoxDraft",
     "Draft",
-    "FastHFBackend",
+    "FastPath",
     "SpeculationError",
 ]
