@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +21,14 @@ from df_agent.boxes import Box
 from df_agent.cli import main as cli_main
 from df_agent.engine import DualFocus
 from df_agent.images import image_hash
-from df_agent.memory import MemoryRecord, MemoryUnavailableError, RetryPolicy, VisualQAMemory, repeat_key
+from df_agent.memory import (
+    MemoryBusyError,
+    MemoryRecord,
+    MemoryUnavailableError,
+    RetryPolicy,
+    VisualQAMemory,
+    repeat_key,
+)
 from df_agent.memory.embeddings import EmbedderError, HashingEmbedder, HFEmbedder
 from df_agent.memory.journal import Journal, read_lines
 from df_agent.memory.retriever import memory_retriever
@@ -156,6 +164,7 @@ def test_reopened_memory_embeds_with_the_recorded_embedder(tmp_path: Path) -> No
     with VisualQAMemory(tmp_path) as reopened:  # no embedder given: the collection says which
         assert reopened.stats().embedder == {"kind": "hashing", "dimension": 64}
         assert reopened.recall("colour of the bus", k=1)[0].record.result.answer == "yellow"
+        assert reopened.check().unreachable == []
     with (
         VisualQAMemory(tmp_path, embedder=HashingEmbedder(128)) as mismatched,
         pytest.raises(EmbedderError, match="built with the embedder"),
@@ -241,8 +250,9 @@ def test_an_unreachable_store_keeps_records_in_the_journal_until_it_returns(tmp_
     memory.flush()
     store.down.set()
     ids = {memory.log(answer(f"during the outage {i}")) for i in range(5)}  # returns at once: journaled
-    with pytest.raises(MemoryUnavailableError, match="safe in the journal"):
+    with pytest.raises(MemoryUnavailableError, match=r"unreachable.*safe in the journal") as down:
         memory.flush(timeout=0.5)
+    assert not isinstance(down.value, MemoryBusyError)
     assert store.failures >= 3  # retried with backoff, then paused, then retried again
     journaled = {row["id"] for row in read_lines(memory._journal.path)}
     assert ids <= journaled
@@ -253,7 +263,7 @@ def test_an_unreachable_store_keeps_records_in_the_journal_until_it_returns(tmp_
     memory.close()
 
 
-def test_a_dead_process_journal_is_replayed_into_its_own_collection_only(tmp_path: Path) -> None:
+def test_a_dead_process_journal_is_replayed_into_its_own_collection_only(tmp_path: Path, capsys) -> None:
     orphan = MemoryRecord.from_result(answer("left behind"))
     folder = tmp_path / "journal" / "alpha"
     folder.mkdir(parents=True)
@@ -263,6 +273,8 @@ def test_a_dead_process_journal_is_replayed_into_its_own_collection_only(tmp_pat
     with VisualQAMemory(tmp_path, collection="alpha", embedder=HashingEmbedder()) as alpha:
         assert [record.id for record in alpha.records()] == [orphan.id]
     assert not list(folder.glob("*.jsonl"))
+    assert cli_main(["memory", "check", "--store", str(tmp_path), "--collection", "alpha"]) == 0
+    assert "1 records checked" in capsys.readouterr().out
 
 
 def test_journal_replay_skips_a_torn_last_line(tmp_path: Path) -> None:
@@ -296,6 +308,8 @@ def test_eight_threads_logging_at_once_lose_nothing(memory: VisualQAMemory) -> N
     assert len(set(logged)) == 1600
     assert memory.count() == 1600
     assert {record.id for record in memory.records()} == set(logged)
+    report = memory.check()
+    assert report.checked == 1600 and report.unreachable == []
     for thread, index in [(0, 0), (3, 117), (7, 199), (5, 42)]:
         expected = MemoryRecord.from_result(worker_result(f"t{thread}", index))
         found = memory.recall(expected.document, k=3)  # hashed words may collide: allow ties
@@ -331,6 +345,7 @@ def test_a_killed_process_loses_nothing_it_acknowledged(tmp_path: Path) -> None:
         stored = {record.id for record in memory.records()}
     assert set(acknowledged) <= stored
     assert not list(journal.glob("*.jsonl"))  # replayed and removed
+    assert cli_main(["memory", "check", "--store", str(tmp_path)]) == 0
 
 
 def test_default_embedder_ranks_a_paraphrase_first_offline(tmp_path: Path, monkeypatch) -> None:
@@ -429,3 +444,164 @@ def test_repeat_key_ignores_whitespace_only() -> None:
     assert repeat_key(IMAGE, " What  is\tit? ", "m", "macro") == base
     assert repeat_key(IMAGE, "What is it?", "m", "macro", ["a", "b"]) != base
     assert repeat_key(hashlib.sha256(b"x").hexdigest(), "What is it?", "m", "macro") != base
+
+
+class HidingCollection:
+    """A Chroma collection that, like chroma-core/chroma#7758, leaves some records out of searches.
+
+    Records whose id is in `hidden` are kept out of `query` answers until they are removed and
+    added again (`sticky`: even an upsert of the same vector does not bring them back).
+    """
+
+    def __init__(self, collection, hidden: set[str]) -> None:
+        self.collection = collection
+        self.hidden = hidden
+        self.readded: list[str] = []
+
+    def query(self, **kwargs):
+        n = kwargs["n_results"]
+        found = self.collection.query(**{**kwargs, "n_results": n + len(self.hidden)})
+        ids = found["ids"]
+        for name in ("ids", "distances"):
+            found[name] = [
+                [value for value, i in zip(row, row_ids, strict=True) if i not in self.hidden][:n]
+                for row, row_ids in zip(found[name], ids, strict=True)
+            ]
+        return found
+
+    def add(self, **kwargs):
+        self.collection.add(**kwargs)
+        self.readded += kwargs["ids"]
+        self.hidden.difference_update(kwargs["ids"])
+
+    def __getattr__(self, name):
+        return getattr(self.collection, name)
+
+
+class HidingStore:
+    def __init__(self, client, hidden: set[str]) -> None:
+        self.client = client
+        self.hidden = hidden
+        self.collections: list[HidingCollection] = []
+
+    def get_or_create_collection(self, *args, **kwargs):
+        collection = self.client.get_or_create_collection(*args, **kwargs)
+        self.collections.append(HidingCollection(collection, self.hidden))
+        return self.collections[-1]
+
+
+def test_a_record_no_search_finds_is_written_again(tmp_path: Path) -> None:
+    import chromadb
+    from chromadb.config import Settings
+
+    results = [answer(f"What is written on sign number {i}?", f"word {i}") for i in range(30)]
+    records = [MemoryRecord.from_result(result) for result in results]
+    hidden = {records[3].id, records[17].id}
+    client = chromadb.PersistentClient(str(tmp_path / "db"), Settings(anonymized_telemetry=False))
+    store = HidingStore(client, set(hidden))
+    with VisualQAMemory(client=store, embedder=HashingEmbedder(), journal_dir=tmp_path / "j") as memory:
+        for result in results:
+            memory.log(result)
+        memory.flush()
+        assert sorted(store.collections[-1].readded) == sorted(hidden)  # found hidden, written again
+        assert memory.recall(results[17].question, k=1)[0].record.id == records[17].id
+        report = memory.check()
+        assert report.checked == 30 and report.unreachable == [] and report.still_unreachable == []
+
+        store.hidden.add(records[5].id)  # hidden later, in a store already written
+        report = memory.check()
+        assert report.unreachable == [records[5].id] and report.still_unreachable == [records[5].id]
+        report = memory.check(repair=True)
+        assert report.unreachable == [records[5].id] and report.repaired == [records[5].id]
+        assert memory.check().unreachable == []
+        assert memory.count() == 30
+    assert not list((tmp_path / "j").glob("*.jsonl"))  # the repair's journal is gone once it is done
+
+
+def test_opening_a_store_repairs_its_newest_hidden_records(tmp_path: Path) -> None:
+    import chromadb
+    from chromadb.config import Settings
+
+    client = chromadb.PersistentClient(str(tmp_path / "db"), Settings(anonymized_telemetry=False))
+    records = [MemoryRecord.from_result(answer(f"How many birds on wire {i}?", str(i))) for i in range(20)]
+    with VisualQAMemory(client=client, embedder=HashingEmbedder(), journal_dir=tmp_path / "j") as memory:
+        memory.import_records(records)
+    store = HidingStore(client, {records[19].id})  # hidden once written: the next opening must see it
+    with VisualQAMemory(client=store, embedder=HashingEmbedder(), journal_dir=tmp_path / "j") as reopened:
+        assert reopened.recall(records[19].document, k=1)[0].record.id == records[19].id
+        assert store.collections[-1].readded == [records[19].id]
+
+
+def test_a_busy_writer_is_busy_not_unreachable(tmp_path: Path) -> None:
+    class SlowEmbedder(HashingEmbedder):
+        def embed(self, texts):
+            time.sleep(0.01 * len(texts))
+            return super().embed(texts)
+
+    with VisualQAMemory(tmp_path, embedder=SlowEmbedder(), batch_delay=0, read_timeout=0.3) as memory:
+        memory.count()  # connected
+        for i in range(300):  # about 3 s of embedding
+            memory.log(answer(f"question {i}"))
+        with pytest.raises(MemoryBusyError, match=r"is busy: .* still being written") as info:
+            memory.count()
+        assert "unreachable" not in str(info.value)
+        memory.read_timeout = 30
+        assert memory.count() == 300
+
+
+def test_cli_check_reports_every_record_reachable(tmp_path: Path, capsys) -> None:
+    store = tmp_path / "memory"
+    with VisualQAMemory(store, embedder=HashingEmbedder()) as memory:
+        for i in range(12):
+            memory.log(answer(f"What colour is balloon {i}?", "red"), image_name=f"party-{i}.png")
+    assert cli_main(["memory", "check", "--store", str(store)]) == 0
+    assert "12 records checked" in capsys.readouterr().out
+    assert cli_main(["memory", "check", "--store", str(store), "--repair", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checked"] == 12 and report["unreachable"] == [] and report["repaired"] == []
+    assert cli_main(["memory", "search", "balloon 7", "--store", str(store), "-k", "1"]) == 0
+    assert "image party-7.png" in capsys.readouterr().out
+
+
+class CachedEmbedder:
+    """An embedder that remembers the vectors of texts it has embedded (same config as its inner one)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.vectors: dict[str, list[float]] = {}
+
+    @property
+    def dimension(self) -> int:
+        return self.inner.dimension
+
+    def embed(self, texts):
+        todo = [text for text in dict.fromkeys(texts) if text not in self.vectors]
+        if todo:
+            self.vectors.update(zip(todo, self.inner.embed(todo), strict=True))
+        return [self.vectors[text] for text in texts]
+
+    def config(self):
+        return self.inner.config()
+
+
+@pytest.mark.slow
+def test_after_eight_threads_a_paraphrase_ranks_first_in_ten_stores(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    embedder = CachedEmbedder(HFEmbedder())  # each filler text is embedded once, not once per store
+    filler = [[worker_result(f"t{thread}", i) for i in range(200)] for thread in range(8)]
+    embedder.embed([MemoryRecord.from_result(result).document for rows in filler for result in rows])
+    firsts = 0
+    for trial in range(10):
+        with VisualQAMemory(tmp_path / str(trial), embedder=embedder, batch_delay=0) as memory:
+            threads = [
+                threading.Thread(target=lambda rows=rows: [memory.log(r) for r in rows]) for rows in filler
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            target = memory.log(answer("What colour is the car parked next to the door?", "red"))
+            found = memory.recall("Which color is the automobile standing by the entrance?", k=5)
+            firsts += found[0].record.id == target
+            assert memory.count() == 1601
+    assert firsts == 10

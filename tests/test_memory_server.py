@@ -18,7 +18,8 @@ import httpx
 import pytest
 from memory_worker import FAST_RETRY, WORKER, run_workers, worker_result
 
-from df_agent.memory import MemoryUnavailableError, VisualQAMemory
+from df_agent.cli import main as cli_main
+from df_agent.memory import MemoryBusyError, MemoryUnavailableError, VisualQAMemory
 from df_agent.memory.embeddings import HashingEmbedder
 
 
@@ -85,7 +86,7 @@ def server(tmp_path: Path) -> Iterator[ChromaServer]:
 
 
 @pytest.mark.slow
-def test_server_logs_recalls_and_survives_a_restart(server: ChromaServer, tmp_path: Path) -> None:
+def test_server_logs_recalls_and_survives_a_restart(server: ChromaServer, tmp_path: Path, capsys) -> None:
     memory = VisualQAMemory(
         server.url, embedder=HashingEmbedder(), journal_dir=tmp_path / "journal", retry=FAST_RETRY
     )
@@ -98,8 +99,9 @@ def test_server_logs_recalls_and_survives_a_restart(server: ChromaServer, tmp_pa
     during = [memory.log(worker_result("down", i)) for i in range(5)]  # acknowledged: in the journal
     with pytest.raises(MemoryUnavailableError, match="safe in the journal"):
         memory.flush(timeout=1)
-    with pytest.raises(MemoryUnavailableError, match="unreachable"):
+    with pytest.raises(MemoryUnavailableError, match="unreachable") as down:
         memory.count()
+    assert not isinstance(down.value, MemoryBusyError)  # down, not busy
     assert memory.lookup(target.image_hash, target.question, "worker", "macro") is None  # a miss, no error
 
     server.start()
@@ -108,6 +110,9 @@ def test_server_logs_recalls_and_survives_a_restart(server: ChromaServer, tmp_pa
     assert set(before + during) == stored
     assert memory.lookup(target.image_hash, target.question, "worker", "macro").answer == target.answer
     memory.close()
+    assert cli_main(["memory", "check", "--store", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "10 records checked" in out and "10 reachable by search, 0 unreachable" in out
 
 
 @pytest.mark.slow
@@ -133,6 +138,7 @@ def test_records_of_a_process_killed_while_the_server_was_down_are_replayed(
     server.start()
     with VisualQAMemory(server.url, embedder=HashingEmbedder(64), journal_dir=journal) as memory:
         assert {record.id for record in memory.records()} == set(acknowledged)
+        assert memory.check().unreachable == []
     assert not list(journal.glob("*.jsonl"))
 
 

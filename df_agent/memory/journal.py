@@ -117,7 +117,7 @@ class Journal:
                 self._cond.wait()
             if self._file is None:
                 return
-            empty = self._file.tell() == 0
+            empty = os.fstat(self._file.fileno()).st_size == 0  # tell() keeps its place after truncate
             self._file.close()
             self._file = None
             if empty:
