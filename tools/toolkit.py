@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from langchain_core.language_models import BaseChatModel
 from langchain_core.tools import BaseTool, BaseToolkit
 from PIL import Image
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
@@ -77,6 +78,38 @@ class DualFocusToolkit(BaseToolkit):
             **engine_kwargs: Passed to `DualFocus.from_pretrained` (dtype, margin, arbitration, ...).
         """
         engine = DualFocus.from_pretrained(path_or_id, device=device, memory=memory, **engine_kwargs)
+        return cls(engine=engine, registry=ImageRegistry(allowed_roots, allow_urls=allow_urls))
+
+    @classmethod
+    def from_chat_model(
+        cls,
+        llm: BaseChatModel,
+        *,
+        allowed_roots: Iterable[str | os.PathLike] = (),
+        allow_urls: bool = False,
+        memory: Any = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
+        **backend_kwargs: Any,
+    ) -> DualFocusToolkit:
+        """A toolkit whose vision model is a LangChain chat model that accepts images.
+
+        The planner and the vision model can be the same chat model: pass it here and to
+        ``create_agent``. Which vote the engine runs depends on what the model returns (see
+        `df_agent.backends.chat_model.ChatModelBackend`).
+
+        Args:
+            llm: The chat model (greedy, ``temperature=0``, so that a repeat gets the same answer).
+            allowed_roots: Folders planners may name files in (none by default).
+            allow_urls: Let planners pass http(s) URLs.
+            memory: A visual Q&A memory for the engine to log to and the tools to recall from.
+            engine_kwargs: Passed to `DualFocus` (margin, arbitration, ...).
+            **backend_kwargs: Passed to `ChatModelBackend` (model_id, box_convention, prompt_family,
+                logprobs, input_size, max_concurrency, ...).
+        """
+        from df_agent.backends.chat_model import ChatModelBackend
+
+        backend = ChatModelBackend(llm, **backend_kwargs)
+        engine = DualFocus(backend, memory=memory, **dict(engine_kwargs or {}))
         return cls(engine=engine, registry=ImageRegistry(allowed_roots, allow_urls=allow_urls))
 
     @property
