@@ -209,3 +209,196 @@ def test_bad_image_gives_an_image_error(tmp_path) -> None:
     text.write_text("not an image")
     with pytest.raises(ImageError):
         engine(ScriptedBackend()).ask(text, "What colour?")
+
+
+# -- observers ----------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A step observer that records (step, inputs, outputs or error, seconds)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def start(self, step: str, inputs: dict):
+        record = {"step": step, "inputs": inputs}
+        self.steps.append(record)
+
+        class Run:
+            def end(self, outputs: dict, seconds: float) -> None:
+                record.update(outputs=outputs, seconds=seconds)
+
+            def fail(self, error: BaseException, seconds: float) -> None:
+                record.update(error=error, seconds=seconds)
+
+        return Run()
+
+
+def test_observers_see_every_step_with_json_inputs_and_outputs(scene: Image.Image) -> None:
+    always, once = Recorder(), Recorder()
+    df = engine(ScriptedBackend(scores={"red": 2.0, "blue": 0.5}), observers=[always])
+    with df.observing(once):
+        result = df.ask(scene, "What colour?")
+    df.ask(scene, "What colour?")
+    steps = ["macro", "locate", "zoom", "micro", "arbitrate"]
+    assert [s["step"] for s in once.steps] == steps
+    assert [s["step"] for s in always.steps] == steps * 2
+    by_step = {s["step"]: s for s in once.steps}
+    assert by_step["macro"]["inputs"] == {"question": "What colour?", "options": None}
+    assert by_step["macro"]["outputs"] == {"answer": "red"}
+    assert by_step["locate"]["outputs"]["box"] == result.box.model_dump()
+    assert by_step["zoom"]["outputs"]["crop_box"] == result.crop_box.model_dump()
+    assert by_step["arbitrate"]["outputs"]["scores"] == [2.0, 0.5]
+    for record in once.steps:
+        json.dumps({"inputs": record["inputs"], "outputs": record["outputs"]})  # JSON-able, no images
+        assert record["seconds"] >= 0
+
+
+def test_observing_is_per_context_and_a_failing_step_is_reported(scene: Image.Image) -> None:
+    import threading
+
+    class Failing(ScriptedBackend):
+        def score(self, conversation, candidates):
+            raise RuntimeError("scoring broke")
+
+    df = engine(Failing())
+    recorder, other = Recorder(), Recorder()
+
+    def elsewhere() -> None:
+        with df.observing(other):
+            df.ask(scene, "What colour?", mode="macro")
+
+    with df.observing(recorder):
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        with pytest.raises(RuntimeError, match="scoring broke"):
+            df.ask(scene, "What colour?")
+    assert [s["step"] for s in other.steps] == ["macro"]
+    assert [s["step"] for s in recorder.steps] == ["macro", "locate", "zoom", "micro", "arbitrate"]
+    assert isinstance(recorder.steps[-1]["error"], RuntimeError)
+    df.ask(scene, "What colour?", mode="macro")  # outside the block: nobody is told
+    assert len(recorder.steps) == 5
+
+
+# -- votes from what the backend gives ------------------------------------------------------------
+
+
+def test_a_scoring_backend_runs_the_configured_vote(scene: Image.Image) -> None:
+    result = engine(ScriptedBackend(scores={"red": 2.0, "blue": 0.5})).ask(scene, "What colour?")
+    assert (result.vote, result.arbitration) == ("official", "official")
+    assert "prompt log-probabilities" in result.vote_reason
+
+
+@pytest.mark.parametrize(("macro_nll", "answer"), [(0.2, "red"), (0.9, "blue")])
+def test_generation_logprobs_give_the_own_context_vote_without_scoring(
+    scene: Image.Image, macro_nll: float, answer: str
+) -> None:
+    from conftest import GenerationLogprobsBackend
+
+    backend = GenerationLogprobsBackend(nlls={"red": macro_nll, "blue": 0.5})
+    result = engine(backend).ask(scene, "What colour?")
+    assert (result.answer, result.vote, result.arbitration) == (answer, "generation_logprobs", None)
+    assert result.scores == pytest.approx({"macro": macro_nll, "micro": 0.5})
+    assert backend.scored == []
+    assert [s for s, _ in backend.generated] == ["macro", "locate", "micro"]
+
+
+def test_a_bare_backend_takes_the_micro_answer_by_policy(scene: Image.Image) -> None:
+    from conftest import BareBackend
+
+    backend = BareBackend(macro="red", micro="blue")
+    result = engine(backend).ask(scene, "What colour?")
+    assert (result.answer, result.path, result.vote) == ("blue", "micro", "micro_policy")
+    assert "no log-probabilities" in result.vote_reason and result.scores is None
+    no_box = engine(BareBackend(box="none")).ask(scene, "What colour?")  # no box: macro, and it says so
+    assert no_box.path == "macro" and no_box.vote is None and no_box.fallback.startswith("no box")
+
+
+@pytest.mark.parametrize(
+    ("reply", "answer", "vote"),
+    [("A", "red", "judge"), ("B", "blue", "judge"), ("?", "blue", "micro_policy")],
+)
+def test_the_judge_sees_both_views_and_both_answers(
+    scene: Image.Image, reply: str, answer: str, vote: str
+) -> None:
+    from conftest import BareBackend
+
+    backend = BareBackend(macro="red", micro="blue")
+    backend.replies["judge"] = reply
+    result = engine(backend, unscored_vote="judge").ask(scene, "What colour?")
+    assert (result.answer, result.vote) == (answer, vote)
+    [judge] = [conversation for step, conversation in backend.generated if step == "judge"]
+    assert len(judge.images) == 2 and "A. red" in judge.turns[-1].text and "B. blue" in judge.turns[-1].text
+    if vote == "micro_policy":
+        assert "neither answer" in result.vote_reason
+
+
+def test_auto_without_any_confidence_runs_the_full_protocol_and_says_so(scene: Image.Image) -> None:
+    from conftest import BareBackend, GenerationLogprobsBackend
+
+    result = engine(BareBackend()).ask(scene, "What colour?", mode="auto")
+    assert result.path == "micro" and result.macro_nll is None
+    assert "no confidence" in result.auto_reason
+    confident = engine(GenerationLogprobsBackend(nlls={"red": 0.1}), auto_threshold=0.2)
+    skipped = confident.ask(scene, "What colour?", mode="auto")
+    assert (skipped.answer, skipped.fallback, skipped.macro_nll) == (
+        "red",
+        "confident macro answer; no zoom",
+        0.1,
+    )
+    assert skipped.auto_threshold == 0.2 and "generation" in skipped.auto_reason
+
+
+# -- input limits -------------------------------------------------------------------------------------
+
+
+def test_limits_are_checked_before_any_model_work(scene: Image.Image) -> None:
+    from df_agent.engine import InputLimitError, InvalidOptionError, QuestionTooLongError, TooManyOptionsError
+
+    backend = ScriptedBackend()
+    df = engine(backend, max_question_chars=50, max_option_chars=10)
+    cases = [
+        ({"question": "x" * 51}, QuestionTooLongError, "max_question_chars"),
+        ({"question": "Which?", "options": [str(i) for i in range(27)]}, TooManyOptionsError, "options"),
+        ({"question": "Which?", "options": ["red", 3]}, InvalidOptionError, "option"),
+        ({"question": "Which?", "options": ["red", ""]}, InvalidOptionError, "option"),
+        ({"question": "Which?", "options": "red"}, InvalidOptionError, "options"),
+        ({"question": "Which?", "options": ["red", "a" * 11]}, InvalidOptionError, "max_option_chars"),
+        ({"question": "Which?", "options": ["a" * 10] * 5}, QuestionTooLongError, "max_question_chars"),
+    ]
+    for kwargs, error, limit in cases:
+        with pytest.raises(error) as caught:
+            df.ask(scene, **kwargs)
+        assert isinstance(caught.value, (InputLimitError, ValueError)) and caught.value.limit == limit
+        assert limit in str(caught.value) or limit in ("option", "options")
+    assert backend.generated == []
+    with pytest.raises(InvalidOptionError, match="candidate"):
+        df.arbitrate(scene, scene, "Which?", ["red", None], box_text="[0,0,1,1]")
+
+
+def test_the_model_context_limits_the_question(scene: Image.Image) -> None:
+    from df_agent.engine import QuestionTooLongError
+
+    class Small(ScriptedBackend):
+        context_length = 40
+
+        def count_tokens(self, text: str) -> int:
+            return len(text.split())
+
+    df = engine(Small(), max_new_tokens=8)
+    assert df.ask(scene, "word " * 30).answer
+    with pytest.raises(QuestionTooLongError, match="context_length") as caught:
+        df.ask(scene, "word " * 33)
+    assert caught.value.limit == "context_length"
+
+
+def test_multiple_choice_answers_are_letters_or_none_in_every_mode(scene: Image.Image) -> None:
+    options = ["red", "blue"]
+    for mode in ("macro", "micro", "dualfocus"):
+        result = engine(ScriptedBackend(macro="red", micro="purple")).ask(
+            scene, "Which?", options=options, mode=mode
+        )
+        assert result.answer in ("A", None)
+        if result.answer is None:
+            assert "not one of the options" in result.fallback and result.micro_answer == "purple"
