@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,7 +251,9 @@ def run_ask(args: argparse.Namespace) -> int:
     if not (args.annotate or args.open):
         return 0
     target = args.annotate or _temporary_png()
-    result.plot(image, source=args.image).savefig(target)
+    with warnings.catch_warnings():  # a glyph the font lacks is drawn as a box; no need to say so
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        result.plot(image, source=args.image).savefig(target)
     print(f"wrote the figure to {target}", file=sys.stderr)
     return _open(target) if args.open else 0
 
@@ -356,7 +359,7 @@ def _run_batch(args: argparse.Namespace) -> int:
                     shown.update(result.warnings)
                     out.write(json.dumps({**line.head(), **result.model_dump(mode="json")}) + "\n")
             if line.error is not None:
-                print(f"{path}:{line.lineno}: {line.error}", file=sys.stderr)
+                tqdm.write(f"{path}:{line.lineno}: {line.error}", file=sys.stderr)
                 out.write(json.dumps({**line.head(), "error": line.error}) + "\n")
             out.flush()
     finally:
@@ -373,10 +376,13 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def _print_warnings(warnings: Sequence[str]) -> None:
+    """Each warning on its own stderr line (through tqdm, so a progress bar stays whole)."""
+    from tqdm import tqdm
+
     from df_agent.backends.caveats import SHIPPED_MODEL_NOTE
 
     for warning in warnings:
-        print(f"{'note' if warning == SHIPPED_MODEL_NOTE else 'warning'}: {warning}", file=sys.stderr)
+        tqdm.write(f"{'note' if warning == SHIPPED_MODEL_NOTE else 'warning'}: {warning}", file=sys.stderr)
 
 
 def _summary(result: FocusResult) -> str:
