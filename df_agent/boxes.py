@@ -58,6 +58,12 @@ class Box(BaseModel):
             raise ValueError(f"box is inverted: {self.as_tuple()}")
         return self
 
+    def __str__(self) -> str:
+        """For display: coordinates to one decimal (``x1=105.6 y1=20 x2=160 y2=112``)."""
+        return " ".join(
+            f"{k}={round(v, 1):g}" for k, v in zip(("x1", "y1", "x2", "y2"), self.as_tuple(), strict=True)
+        )
+
     @property
     def width(self) -> float:
         """Width in pixels."""
