@@ -1,13 +1,18 @@
-"""Memory benchmark: recall latency at 1k, 10k and 100k records, and what logging adds to an `ask`.
+"""Memory benchmark: recall latency and quality at 1k, 10k and 100k records, and what logging adds to an `ask`.
 
-    OMP_NUM_THREADS=1 python bench/memory.py [--sizes 1000 10000 100000] [--queries 200] [--asks 40]
+    OMP_NUM_THREADS=1 python bench/memory.py [--sizes 1000 10000 100000] [--queries 200]
+        [--quality-queries 1000] [--asks 40]
 
 Part 1 bulk-loads synthetic records into an embedded memory with the deterministic
 `HashingEmbedder` (384 dimensions, like all-MiniLM-L6-v2, so the index does the same work; the
 real model would spend ~5 ms per record embedding 100k records). At each size it times
 `recall` (store query plus the hashing embedder's negligible query embedding), `recall` kept to
 one image, and `lookup` (the exact-repeat check every `ask` makes). The default embedder's query
-embedding is timed on its own: a recall with it costs the two added.
+embedding is timed on its own: a recall with it costs the two added. It then measures recall
+quality: recall@5 of `recall` (Chroma's HNSW index) against exact search (brute-force cosine over
+every stored vector, with numpy) for `--quality-queries` new questions; a result tied with the
+fifth exact neighbour (same distance within 1e-6) counts as a hit. It also reports how long the
+store took to load and `check` (every record searched for with its own vector).
 
 Part 2 times `ask` on the shipped model (df_agent/model/) with and without a memory that uses the
 default embedder, alternating the two so that machine load hits both alike. Without the shipped
@@ -88,7 +93,7 @@ def timed(call, repeats: int) -> list[tuple[float, float]]:
     return out
 
 
-def bench_recall(sizes: list[int], queries: int, folder: Path) -> None:
+def bench_recall(sizes: list[int], queries: int, quality: int, folder: Path) -> None:
     print("== recall latency (embedded Chroma, HashingEmbedder(384) for bulk load and queries) ==")
     memory = VisualQAMemory(folder / "recall", embedder=HashingEmbedder(384))
     loaded = 0
@@ -100,7 +105,10 @@ def bench_recall(sizes: list[int], queries: int, folder: Path) -> None:
         print(f"-- {size:>7,} records (loaded {size - loaded:,} in {took:.1f} s, {rate:.0f} records/s)")
         loaded = size
         # Measured in a new process that opens the store, as an agent would.
-        command = [sys.executable, __file__, "--measure", str(folder / "recall"), str(size), str(queries)]
+        command = [
+            sys.executable, __file__, "--measure", str(folder / "recall"), str(size), str(queries),
+            str(quality),
+        ]  # fmt: skip
         subprocess.run(command, check=True)
     memory.close()
     embedder = HFEmbedder()
@@ -110,8 +118,48 @@ def bench_recall(sizes: list[int], queries: int, folder: Path) -> None:
     print("   embed                 ", percentiles(timed(lambda i: embedder.embed([texts[i]]), queries)))
 
 
-def measure(store: str, size: int, queries: int) -> None:
-    """Time recall and lookup on an existing store of `size` synthetic records."""
+def query_text(index: int) -> str:
+    """A question in the records' words that no record asks (a new seed)."""
+    digest = hashlib.sha256(f"query {index}".encode()).digest()
+    words = [WORDS[b % len(WORDS)] for b in digest[:5]]
+    return f"is the {words[0]} {words[1]} by the {words[2]} {words[3]} {words[4]}?"
+
+
+def recall_quality(memory: VisualQAMemory, queries: int, k: int = 5) -> None:
+    """recall@k of `memory.recall` against brute-force cosine search over the stored vectors."""
+    import numpy as np
+
+    collection = memory._call(lambda c: c)  # the bench reads the raw vectors; users never need to
+    start = time.perf_counter()
+    ids, rows = [], []
+    for offset in range(0, collection.count(), 5000):
+        page = collection.get(limit=5000, offset=offset, include=["embeddings"])
+        ids += page["ids"]
+        rows.append(np.asarray(page["embeddings"], dtype=np.float32))
+    matrix = np.concatenate(rows)
+    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    read = time.perf_counter() - start
+    embedder = memory._get_embedder()
+    texts = [query_text(i) for i in range(queries)]
+    vectors = np.asarray(embedder.embed(texts), dtype=np.float32)
+    exact = 1.0 - vectors @ matrix.T  # cosine distances, queries x records
+    position = {found: i for i, found in enumerate(ids)}
+    hits, walls = 0, []
+    for row, text in enumerate(texts):
+        began = time.perf_counter()
+        found = memory.recall(text, k=k)
+        walls.append(time.perf_counter() - began)
+        kth = np.partition(exact[row], k - 1)[k - 1]
+        hits += sum(exact[row, position[f.record.id]] <= kth + 1e-6 for f in found)
+    print(
+        f"   recall@{k} vs exact     {hits / (k * queries):.4f} over {queries} new queries "
+        f"(exact search over {len(ids):,} vectors read in {read:.1f} s)"
+    )
+    print(f"   recall k={k} (same run) ", percentiles(walls))
+
+
+def measure(store: str, size: int, queries: int, quality: int = 0) -> None:
+    """Time recall and lookup on an existing store of `size` synthetic records; then recall@5."""
     memory = VisualQAMemory(store)
     probes = [synthetic((i * 7919) % size) for i in range(queries)]
     memory.recall(probes[0].question)  # warm
@@ -121,6 +169,10 @@ def measure(store: str, size: int, queries: int) -> None:
         ("lookup (repeat)", lambda i: memory.lookup(probes[i].image_hash, probes[i].question, *KEY)),
     ]:
         print(f"   {name:<22}", percentiles(timed(call, queries)), flush=True)
+    if quality:
+        recall_quality(memory, quality)
+        report = memory.check()
+        print(f"   check                  {report.summary()}", flush=True)
     memory.close()
 
 
@@ -219,21 +271,24 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
-    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--queries", type=int, default=200, help="queries per latency figure")
+    parser.add_argument(
+        "--quality-queries", type=int, default=1000, help="new queries for recall@5 against exact search"
+    )
     parser.add_argument("--asks", type=int, default=40)
     parser.add_argument("--batch-delay", type=float, help="the memory's batch_delay (default: its default)")
     parser.add_argument("--skip-recall", action="store_true")
     parser.add_argument("--skip-ask", action="store_true")
-    parser.add_argument("--measure", nargs=3, metavar=("STORE", "SIZE", "QUERIES"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=4, metavar=("STORE", "SIZE", "QUERIES", "QUALITY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        measure(args.measure[0], int(args.measure[1]), int(args.measure[2]))
+        measure(args.measure[0], int(args.measure[1]), int(args.measure[2]), int(args.measure[3]))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"machine: {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     with tempfile.TemporaryDirectory(prefix="df-agent-bench-") as tmp:
         if not args.skip_recall:
-            bench_recall(args.sizes, args.queries, Path(tmp))
+            bench_recall(args.sizes, args.queries, args.quality_queries, Path(tmp))
         if not args.skip_ask:
             bench_ask(args.asks, Path(tmp), args.batch_delay)
 

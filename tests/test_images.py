@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageFile
@@ -233,3 +235,125 @@ def test_data_uri_round_trip():
     jpeg = to_data_uri(Image.new("RGBA", (8, 8), (0, 128, 0, 255)), fmt="JPEG")
     assert jpeg.startswith("data:image/jpeg;base64,")
     assert load_image(jpeg).size == (8, 8)
+
+
+def _png16(width: int, height: int, rows: list[list[int]], color_type: int) -> bytes:
+    """A 16-bit PNG (grayscale: color_type 0, one value a pixel; RGB: 2, three) written by hand."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\0" + struct.pack(f">{len(row)}H", *row) for row in rows)
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def test_a_16_bit_grayscale_gradient_loads_as_a_gradient():
+    width = 256
+    row = [round(x * 65535 / (width - 1)) for x in range(width)]
+    loaded = load_image(_png16(width, 2, [row, row], color_type=0))
+    values = [loaded.getpixel((x, 0))[0] for x in range(width)]
+    assert values == pytest.approx(list(range(width)), abs=1)  # scaled, not clipped to white
+    assert sum(v == 255 for v in values) <= 2
+
+
+def test_a_16_bit_rgb_gradient_loads_as_a_gradient():
+    width = 64
+    row = [v for x in range(width) for v in (x * 1040, 65535 - x * 1040, 32768)]
+    loaded = load_image(_png16(width, 1, [row], color_type=2))
+    red = [loaded.getpixel((x, 0))[0] for x in range(width)]
+    assert red == sorted(red) and red[0] <= 1 and red[-1] >= 250
+    assert loaded.getpixel((0, 0))[2] == pytest.approx(128, abs=1)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
+def test_16_bit_modes_are_scaled(mode):
+    image = Image.new(mode, (3, 1))
+    for x, value in enumerate([0, 32896, 65535]):
+        image.putpixel((x, 0), value)
+    assert [load_image(image).getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "expected"),
+    [
+        ("I", [0, 100, 255], [0, 100, 255]),  # 8-bit values: kept
+        ("I", [0, 32896, 65535], [0, 128, 255]),  # 16-bit values: scaled
+        ("I", [-1000, 0, 1000], [0, 128, 255]),  # any other range: stretched
+        ("F", [0.0, 0.5, 1.0], [0, 128, 255]),  # fractions
+        ("F", [0.0, 128.0, 255.0], [0, 128, 255]),
+        ("F", [-2.0, 0.0, 2.0], [0, 128, 255]),
+        ("F", [float("nan"), 0.5, 1.0], [0, 128, 255]),
+    ],
+)
+def test_integer_and_float_modes_are_scaled_by_their_range(mode, values, expected):
+    image = Image.new(mode, (3, 1))
+    for x, value in enumerate(values):
+        image.putpixel((x, 0), value)
+    assert [load_image(image).getpixel((x, 0))[0] for x in range(3)] == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "rgb"),
+    [
+        ("1", 1, (255, 255, 255)),
+        ("L", 7, (7, 7, 7)),
+        ("LA", (7, 255), (7, 7, 7)),
+        ("La", (7, 255), (7, 7, 7)),
+        ("PA", (0, 255), (0, 0, 0)),
+        ("RGB", (10, 20, 30), (10, 20, 30)),
+        ("RGBA", (10, 20, 30, 0), (255, 255, 255)),  # transparent: white
+        ("RGBa", (10, 20, 30, 255), (10, 20, 30)),
+        ("RGBX", (10, 20, 30, 0), (10, 20, 30)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("YCbCr", (255, 128, 128), (255, 255, 255)),
+        ("LAB", (255, 128, 128), (254, 255, 254)),
+        ("HSV", (0, 255, 255), (255, 0, 0)),
+    ],
+)
+def test_every_mode_pil_opens_loads_as_rgb(mode, value, rgb):
+    loaded = load_image(Image.new(mode, (2, 2), value))
+    assert loaded.mode == "RGB"
+    assert loaded.getpixel((1, 1)) == pytest.approx(rgb, abs=1)
+
+
+def test_an_unsupported_mode_is_refused_by_name():
+    image = Image.new("RGB", (2, 2))
+    image._mode = "BGR;24"  # Pillow 13 opens no mode outside SUPPORTED_MODES: an older one, forged
+    with pytest.raises(ImageError, match=r"image mode 'BGR;24' is not supported"):
+        load_image(image)
+
+
+def test_dev_zero_is_refused_as_a_device():
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero on this system")
+    with pytest.raises(ImageError, match="is a character device, not a regular image file"):
+        load_image("/dev/zero")
+
+
+def test_a_named_pipe_is_refused_without_being_read(tmp_path):
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    with pytest.raises(ImageError, match="is a named pipe"):
+        load_image(pipe)  # opening it would block forever
+
+
+def test_downscale_shrinks_instead_of_refusing(tmp_path):
+    image = _noise(400, 300)
+    assert load_image(image, max_pixels=30_000, downscale=True).size == (200, 150)
+    image.save(tmp_path / "big.jpg", quality=90)
+    shrunk = load_image(tmp_path / "big.jpg", max_pixels=1_000, downscale=True)
+    assert shrunk.size == (36, 27) and shrunk.width * shrunk.height <= 1_000
+    assert load_image(_png_bytes(image), max_pixels=120_000, downscale=True).size == (400, 300)
+    with pytest.raises(ImageError, match="downscale=True shrinks it instead"):
+        load_image(image, max_pixels=30_000)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-5, ValueError), (1.5, TypeError), ("9", TypeError)]
+)
+def test_max_pixels_must_be_a_positive_integer(value, error):
+    with pytest.raises(error, match="max_pixels"):
+        load_image(_noise(4, 4), max_pixels=value)
