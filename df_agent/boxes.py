@@ -106,6 +106,7 @@ class Box(BaseModel):
 
     def iou(self, other: Box) -> float:
         """Intersection over union with `other`, 0.0 when the union is empty."""
+        other = _check_box(other, "Box.iou")
         iw = max(0.0, min(self.x2, other.x2) - max(self.x1, other.x1))
         ih = max(0.0, min(self.y2, other.y2) - max(self.y1, other.y1))
         inter = iw * ih
@@ -119,6 +120,48 @@ class NoBox(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     reason: str
+
+
+class BoxError(TypeError):
+    """A box function was given something that is not a `Box` (text goes through `parse_box`)."""
+
+
+class NoBoxError(ValueError):
+    """A box that leaves nothing to look at in this image; `no_box` says why."""
+
+    def __init__(self, no_box: NoBox) -> None:
+        super().__init__(no_box.reason)
+        self.no_box = no_box
+
+
+def _check_box(box: object, where: str) -> Box:
+    if not isinstance(box, Box):
+        raise BoxError(
+            f"{where} takes a Box, not {type(box).__name__} ({box!r:.80}); read a model's text with "
+            "parse_box, or build Box(x1=..., y1=..., x2=..., y2=...) in image pixels"
+        )
+    return box
+
+
+def fit_box(box: Box, image_size: tuple[int, int]) -> Box | NoBox:
+    """`box` clipped to the image, or a `NoBox` if it does not overlap it by at least one pixel a side.
+
+    Args:
+        box: A box in the image's pixels.
+        image_size: ``(width, height)`` of the image.
+    """
+    box = _check_box(box, "fit_box")
+    w, h = _check_size(image_size, "image_size")
+    x1, y1 = min(max(box.x1, 0.0), w), min(max(box.y1, 0.0), h)
+    x2, y2 = min(max(box.x2, 0.0), w), min(max(box.y2, 0.0), h)
+    if x2 <= x1 or y2 <= y1:
+        return NoBox(reason=f"box {box.as_tuple()} lies outside the {w}x{h} image")
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        return NoBox(
+            reason=f"box {box.as_tuple()} is smaller than one pixel inside the {w}x{h} image "
+            f"({x2 - x1:.3g} x {y2 - y1:.3g} px)"
+        )
+    return Box(x1=x1, y1=y1, x2=x2, y2=y2)
 
 
 # A number: optional sign, digits with optional decimals (or a leading dot), optional exponent; or the
@@ -238,14 +281,19 @@ def parse_box(
         return NoBox(reason=f"box is inverted (x2 < x1 or y2 < y1): {values}")
     if x2 == x1 or y2 == y1:
         return NoBox(reason=f"box has zero area: {values}")
+    whole_units = limit is None or limit > 1  # pixels, 0..1000: no box is less than one unit a side
+    if whole_units and (x2 - x1 < 1 or y2 - y1 < 1):
+        hint = " (they look like 0-1 fractions)" if all(0 <= v <= 1 for v in values) else ""
+        frame = convention.value
+        return NoBox(reason=f"box {values} is less than one unit wide or high in the {frame} frame{hint}")
     sx, sy, ox, oy = _scale(convention, (w, h), input_size)
     x1, x2 = x1 * sx - ox, x2 * sx - ox
     y1, y2 = y1 * sy - oy, y2 * sy - oy
-    cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)
-    cx2, cy2 = min(max(x2, 0.0), w), min(max(y2, 0.0), h)
-    if cx2 <= cx1 or cy2 <= cy1:
-        return NoBox(reason=f"box lies outside the image ({w}x{h}): {values}")
-    return Box(x1=cx1, y1=cy1, x2=cx2, y2=cy2)
+    fitted = fit_box(Box(x1=x1, y1=y1, x2=x2, y2=y2), (w, h))
+    if isinstance(fitted, NoBox):
+        where = "outside the image" if "outside" in fitted.reason else "smaller than one pixel in the image"
+        return NoBox(reason=f"box lies {where} ({w}x{h}): {values}")
+    return fitted
 
 
 def format_box(
@@ -268,6 +316,7 @@ def format_box(
         ``[{"bbox_2d": [x1, y1, x2, y2]}]`` with integers; GEMINI_1000
         ``[{"box_2d": [y1, x1, y2, x2]}]`` with integers.
     """
+    box = _check_box(box, "format_box")
     convention = BoxConvention(convention)
     w, h = _check_size(image_size, "image_size")
     sx, sy, ox, oy = _scale(convention, (w, h), input_size)
@@ -314,8 +363,16 @@ def zoom_box(box: Box, image_size: tuple[int, int], *, margin: int = 25, min_sid
 
     Returns:
         An integer-valued box inside the image that contains `box` (clipped to the image).
+
+    Raises:
+        BoxError: If `box` is not a `Box`.
+        NoBoxError: If `box` does not overlap the image (its `no_box` says so); a box outside
+            the image is never turned into a corner crop.
     """
+    box = _check_box(box, "zoom_box")
     w, h = _check_size(image_size, "image_size")
+    if box.x2 <= 0 or box.y2 <= 0 or box.x1 >= w or box.y1 >= h:  # not even a point inside the image
+        raise NoBoxError(NoBox(reason=f"box {box.as_tuple()} lies outside the {w}x{h} image"))
     if margin < 0 or min_side < 0:
         raise ValueError(f"margin and min_side must be >= 0, got {margin} and {min_side}")
     bx1, by1 = min(max(box.x1, 0.0), w), min(max(box.y1, 0.0), h)
@@ -348,14 +405,29 @@ def crop(image: Image.Image, box: Box) -> Image.Image:
         A new image of the region.
 
     Raises:
-        ValueError: If the box does not overlap the image.
+        BoxError: If `box` is not a `Box` (or `image` not a PIL image).
+        NoBoxError: If the box does not overlap the image.
     """
+    box = _check_box(box, "crop")
+    if not isinstance(image, Image.Image):
+        raise BoxError(f"crop takes a PIL image, not {type(image).__name__}")
     w, h = image.size
     x1, y1, x2, y2 = box.as_int_tuple()
     x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"box {box.as_tuple()} does not overlap the {w}x{h} image")
+        raise NoBoxError(NoBox(reason=f"box {box.as_tuple()} does not overlap the {w}x{h} image"))
     return image.crop((x1, y1, x2, y2))
 
 
-__all__ = ["Box", "BoxConvention", "NoBox", "crop", "format_box", "parse_box", "zoom_box"]
+__all__ = [
+    "Box",
+    "BoxConvention",
+    "BoxError",
+    "NoBox",
+    "NoBoxError",
+    "crop",
+    "fit_box",
+    "format_box",
+    "parse_box",
+    "zoom_box",
+]

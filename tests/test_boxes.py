@@ -8,7 +8,18 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from df_agent.boxes import Box, BoxConvention, NoBox, crop, format_box, parse_box, zoom_box
+from df_agent.boxes import (
+    Box,
+    BoxConvention,
+    BoxError,
+    NoBox,
+    NoBoxError,
+    crop,
+    fit_box,
+    format_box,
+    parse_box,
+    zoom_box,
+)
 
 C = BoxConvention
 SIZE = (640, 480)
@@ -164,6 +175,7 @@ def test_format_parse_round_trip(convention, data):
         tol_x = _QUANTUM[convention] * (side or w)
         tol_y = _QUANTUM[convention] * (side or h)
     assume(box.width > 4 * tol_x and box.height > 4 * tol_y)  # wider than the convention's resolution
+    assume(box.width > 1 + 2 * tol_x and box.height > 1 + 2 * tol_y)  # read back, still >= 1 pixel
     text = format_box(box, convention, (w, h), input_size)
     parsed = parse_box(text, convention, (w, h), input_size)
     assert isinstance(parsed, Box), (text, parsed)
@@ -179,6 +191,7 @@ def test_format_parse_round_trip(convention, data):
 @settings(max_examples=300, deadline=None)
 def test_zoom_box_invariants(case, margin, min_side):
     (w, h), box = case
+    assume(box.x2 > 0 and box.y2 > 0 and box.x1 < w and box.y1 < h)  # inside, if only a point
     z = zoom_box(box, (w, h), margin=margin, min_side=min_side)
     assert all(v == int(v) for v in z.as_tuple())
     assert 0 <= z.x1 <= z.x2 <= w and 0 <= z.y1 <= z.y2 <= h
@@ -237,5 +250,74 @@ def test_crop():
     image = Image.new("RGB", (40, 30))
     assert crop(image, Box(x1=1.5, y1=2.5, x2=10.2, y2=20.0)).size == (10, 18)
     assert crop(image, Box(x1=30, y1=20, x2=60, y2=60)).size == (10, 10)  # clipped to the image
-    with pytest.raises(ValueError, match="does not overlap"):
+    with pytest.raises(NoBoxError, match="does not overlap") as info:
         crop(image, Box(x1=50, y1=50, x2=60, y2=60))
+    assert isinstance(info.value, ValueError) and "does not overlap" in info.value.no_box.reason
+
+
+@pytest.mark.parametrize(
+    "box",
+    [(700, 10, 800, 50), (-90, -90, -10, -10), (10, 500, 50, 600), (640, 0, 700, 480), (0, -5, 640, 0)],
+)
+def test_zoom_box_outside_the_image_is_no_box_not_a_corner_crop(box):
+    x1, y1, x2, y2 = box
+    with pytest.raises(NoBoxError, match="outside the 640x480 image") as info:
+        zoom_box(Box(x1=x1, y1=y1, x2=x2, y2=y2), SIZE)
+    assert isinstance(info.value.no_box, NoBox)
+    assert isinstance(fit_box(Box(x1=x1, y1=y1, x2=x2, y2=y2), SIZE), NoBox)
+
+
+def test_fit_box_clips_or_says_why_not():
+    assert fit_box(Box(x1=-10, y1=5, x2=30, y2=600), SIZE) == Box(x1=0, y1=5, x2=30, y2=480)
+    tiny = fit_box(Box(x1=10, y1=10, x2=10.4, y2=20), SIZE)
+    assert isinstance(tiny, NoBox) and "smaller than one pixel" in tiny.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "convention", "input_size", "reason"),
+    [
+        ('{"bbox_2d": [0.1, 0.2, 0.5, 0.6]}', C.PIXELS, (320, 240), "they look like 0-1 fractions"),
+        ("[0.1, 0.2, 0.5, 0.6]", C.PIXELS, None, "less than one unit wide or high in the pixels frame"),
+        ("<|box_start|>(100,200),(100.5,400)<|box_end|>", C.QWEN_1000, None, "less than one unit"),
+        ('[{"bbox_2d": [0.2, 0.2, 0.9, 0.9]}]', C.JSON_1000, None, "0-1 fractions"),
+        ("[0.5,0.5,0.5001,0.9]", C.FRACTION, None, "smaller than one pixel"),
+    ],
+)
+def test_a_box_degenerate_in_the_frame_it_was_read_in_is_no_box(text, convention, input_size, reason):
+    result = parse_box(text, convention, SIZE, input_size)
+    assert isinstance(result, NoBox), result
+    assert reason in result.reason
+
+
+NOT_BOXES = ["[0.1,0.2,0.3,0.4]", (1, 2, 3, 4), [1, 2, 3, 4], {"x1": 1, "y1": 2, "x2": 3, "y2": 4}, None, 7,
+             NoBox(reason="no numbers")]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", NOT_BOXES)
+def test_box_functions_take_only_a_box(value):
+    image = Image.new("RGB", SIZE)
+    calls = [
+        lambda: zoom_box(value, SIZE),
+        lambda: crop(image, value),
+        lambda: format_box(value, C.FRACTION, SIZE),
+        lambda: fit_box(value, SIZE),
+        lambda: Box(x1=0, y1=0, x2=1, y2=1).iou(value),
+    ]
+    for call in calls:
+        with pytest.raises(BoxError, match="takes a Box, not") as info:
+            call()
+        assert isinstance(info.value, TypeError)
+
+
+@given(text=st.one_of(st.text(max_size=80), st.binary(max_size=40).map(lambda b: b.decode("latin-1"))),
+       convention=st.sampled_from(list(C)))  # fmt: skip
+@settings(max_examples=200, deadline=None)
+def test_garbage_text_gives_a_box_of_at_least_a_pixel_or_a_reason(text, convention):
+    result = parse_box(text, convention, SIZE, (320, 240))
+    if isinstance(result, NoBox):
+        assert result.reason
+    else:
+        assert result.width >= 1 and result.height >= 1
+        assert result.x1 >= 0 and result.x2 <= SIZE[0] and result.y1 >= 0 and result.y2 <= SIZE[1]
+        z = zoom_box(result, SIZE)
+        assert crop(Image.new("RGB", SIZE), z).size == (z.width, z.height)
