@@ -705,7 +705,7 @@ class DualFocus:
                     run, method, "the backend scores answers (prompt log-probabilities)", vote.winner
                 )
         macro_nll, micro_nll = run.macro.mean_nll, run.micro.mean_nll  # type: ignore[union-attr]
-        if macro_nll is not None and micro_nll is not None:
+        if abilities.generation_logprobs and macro_nll is not None and micro_nll is not None:
             with self._step("arbitrate", {"candidates": pair, "vote": "generation_logprobs"}) as outputs:
                 winner = int(micro_nll < macro_nll)
                 outputs.update(scores=[macro_nll, micro_nll], winner=winner)

@@ -16,6 +16,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Numerics checks: DF_TEST_TORCH_THREADS=N sets torch's CPU threads, DF_TEST_DETERMINISTIC=1 turns
+    on `torch.use_deterministic_algorithms` (both unset: torch's defaults)."""
+    threads, deterministic = os.environ.get("DF_TEST_TORCH_THREADS"), os.environ.get("DF_TEST_DETERMINISTIC")
+    if threads or deterministic:
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        torch.use_deterministic_algorithms(deterministic == "1")
+
+
 class ScriptedBackend(Backend):
     """A backend whose replies depend on which DualFocus step is asking; records every call.
 

@@ -334,3 +334,25 @@ def test_shape_weight_scales_only_the_per_patch_shape_loss(processor):
     assert torch.equal(parts["shape"], heavy_parts["shape"]) and parts["shape"] > 0
     assert torch.allclose(heavy_total - total, 3 * parts["shape"])
     assert StageConfig(name="s", steps=1).shape_weight == 1.0
+
+
+def test_training_check_runs_the_engine_and_keeps_its_keys() -> None:
+    from df_agent.backends.hf import shipped_model_path
+    from df_agent.train.evaluate import evaluate
+
+    try:
+        path = shipped_model_path()
+    except FileNotFoundError:
+        pytest.skip("the shipped model is not in df_agent/model/")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    figures = evaluate(model, AutoProcessor.from_pretrained(path), n_scenes=4, seed=5)
+    for qtype in ("detail", "global", "exist"):
+        for key in ("macro", "micro_true", "dualfocus", "oracle"):
+            assert 0.0 <= figures[f"{key}_{qtype}"] <= 1.0
+    assert {"dualfocus_all", "oracle_all", "unparseable", "iou_detail"} <= set(figures)
+    assert figures["oracle_all"] >= figures["dualfocus_all"]
+    assert len(figures["examples"]) == 6 and {"q", "a", "macro", "box", "final"} <= set(
+        figures["examples"][0]
+    )
