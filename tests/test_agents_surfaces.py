@@ -26,7 +26,7 @@ class Recalling:
 
 
 def toolkit() -> tuple[DualFocusToolkit, str]:
-    """A toolkit whose registry keeps one crop; returns it and the id of a crop already evicted."""
+    """A toolkit whose registry keeps one image or crop; returns it and the id of a crop evicted."""
     engine = DualFocus(ScriptedBackend(box="[0.25,0.25,0.50,0.50]"), memory=Recalling())
     kit = DualFocusToolkit(engine=engine, registry=ImageRegistry(max_cached=1))
     kit.register_image(SCENE.image, "scene")
@@ -54,6 +54,11 @@ CASES = [
     ("zoom_region", {**ASK, "image": "../../etc/passwd"}, "file paths are disabled"),
     ("zoom_region", {**ASK, "image": "EVICTED"}, "was evicted from the cache"),
     ("recall_visual_qa", {"question": "anything?", "k": 50}, "k: Input should be less than or equal to 20"),
+    ("global_answer", {**ASK, "question": "Why? " * 500}, "the limit is 2,000 (max_question_chars)"),
+    ("zoom_region", {**ASK, "question": "Why? " * 500}, "the limit is 2,000 (max_question_chars)"),
+    ("focused_answer", {**ASK, "question": "Why? " * 500, "box": [1, 1, 9, 9]}, "(max_question_chars)"),
+    ("arbitrate_answers", {**ASK, "candidates": ["a", "b" * 600], "box": [1, 1, 9, 9]}, "(max_option_chars)"),
+    ("dualfocus_answer", {**ASK, "options": ["a", "b" * 600]}, "the limit is 500 (max_option_chars)"),
 ]
 
 

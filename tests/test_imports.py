@@ -29,7 +29,8 @@ CORE = (
 ABOVE_THE_CORE = ("df_agent.memory", "df_agent.agents", "df_agent.eval", "df_agent.train", "df_agent.tools")
 # third-party packages only some modules may import: the package's top-level names -> who may
 ONLY_IN = {
-    ("langchain", "langchain_core", "langchain_openai", "langchain_ollama", "langgraph"): (
+    # LangChain itself; a partner package (langchain_openai) building a chat model at a CLI's edge is not
+    ("langchain", "langchain_core"): (
         "df_agent.tools", "df_agent.memory.retriever", "df_agent.backends.chat_model",
     ),
     ("fastmcp", "mcp"): ("df_agent.agents.mcp",),

@@ -195,9 +195,10 @@ def test_recall_is_offered_with_a_memory(tmp_path: Path) -> None:
 
 
 def test_cli_options() -> None:
-    args = build_parser().parse_args(["mcp", "--http", "8765", "--allow-root", "a", "--allow-root", "b"])
+    argv = ["mcp", "--http", "8765", "--allow-root", "a", "--allow-root", "b"]
+    args = build_parser(argv).parse_args(argv)
     assert (args.http, args.host, args.allow_root, args.allow_urls) == (8765, "127.0.0.1", ["a", "b"], False)
-    assert build_parser().parse_args(["mcp"]).http is None
+    assert build_parser(["mcp"]).parse_args(["mcp"]).http is None
 
 
 # -- as a process: `df-agent mcp` -----------------------------------------------------------------------

@@ -304,12 +304,12 @@ def test_dualfocus_answer_child_runs_carry_the_box_and_both_scores(mode: str) ->
     assert [s["step"] for s in recorder.steps] == ["macro", "locate", "zoom", "micro", "arbitrate"]
     assert steps["locate"]["outputs"]["box"] == result.box.model_dump()
     assert steps["zoom"]["inputs"]["box"] == result.box.model_dump()
-    assert steps["zoom"]["outputs"]["box"] == result.crop_box.model_dump()
+    assert steps["zoom"]["outputs"]["crop_box"] == result.crop_box.model_dump()
     assert steps["macro"]["outputs"] == {"answer": "red"} and steps["micro"]["outputs"] == {"answer": "blue"}
     vote = steps["arbitrate"]
     assert vote["inputs"]["candidates"] == ["red", "blue"]
     assert vote["outputs"]["scores"] == [2.5, 0.75] == [result.scores["macro"], result.scores["micro"]]
-    assert vote["outputs"]["answer"] == "blue"
+    assert vote["inputs"]["candidates"][vote["outputs"]["winner"]] == "blue"
     crop_id = re.search(r"crop id '(crop-[0-9a-f]+)'", message.content).group(1)
     assert toolkit.registry.get(crop_id).box == result.crop_box
 
@@ -404,7 +404,7 @@ def test_agent_zooms_focuses_and_arbitrates_on_a_focusshapes_scene() -> None:
     zoom = recorder.of("zoom_region")["zoom"]
     located = parse_box(box_text, BoxConvention.FRACTION, SCENE.size)
     assert zoom["inputs"]["box"] == located.model_dump()
-    assert zoom["outputs"]["box"] == zoom_box(located, SCENE.size, margin=25, min_side=32).model_dump()
+    assert zoom["outputs"]["crop_box"] == zoom_box(located, SCENE.size, margin=25, min_side=32).model_dump()
     assert located.iou(Box(x1=TARGET.box[0], y1=TARGET.box[1], x2=TARGET.box[2], y2=TARGET.box[3])) > 0.9
     # focused_answer reused the crop: no second zoom, and the micro step continued the model's box text.
     assert "zoom" not in recorder.of("focused_answer")
@@ -419,7 +419,7 @@ def test_agent_on_the_shipped_model_answers_the_digit() -> None:
     toolkit.register_image(scene.image, "scene")
     messages, recorder = run_agent(toolkit, f"What number is on the {target.name}?")
     zoom = recorder.of("zoom_region")["zoom"]
-    assert Box(**zoom["outputs"]["box"]).area > 0
+    assert Box(**zoom["outputs"]["crop_box"]).area > 0
     assert messages[-1].content.strip().rstrip(".") == str(target.digit)
 
 

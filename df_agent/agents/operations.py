@@ -3,8 +3,9 @@
 A `Toolbox` holds one engine and one `ImageRegistry`. Each operation is one tool: it takes the tool's
 validated input model (`df_agent.agents.inputs`), resolves the planner's image reference, runs the
 engine's steps and returns a result (`df_agent.agents.answers`) whose `summary()` is the short text a
-planner reads. Planner mistakes (a bad reference, a region given twice, a box outside the image) raise
-a `PlannerError`, which the adapters turn into tool errors. The memory is the engine's: `ask` looks up
+planner reads. Every operation checks the question against the engine's limits before any model work.
+Planner mistakes (a bad reference, a region given twice, a box outside the image) raise a
+`PlannerError`, which the adapters turn into tool errors. The memory is the engine's: `ask` looks up
 exact repeats in it and logs to it, and `recall_visual_qa` reads it.
 
 To watch the engine's steps, run an operation inside ``with toolbox.engine.observing(observer):``
@@ -81,12 +82,14 @@ class Toolbox:
 
     def global_answer(self, args: AskInput) -> GlobalAnswer:
         """The macro step: the answer from the whole image."""
+        self.engine.check_question(args.question, args.options)
         entry = self.registry.resolve(args.image)
         answer = self.engine.macro(entry.image, args.question, args.options)
         return GlobalAnswer(image_id=entry.id, question=args.question, options=args.options, answer=answer)
 
     def zoom_region(self, args: ZoomInput) -> RegionAnswer:
         """The locate and zoom steps; the crop is registered under a new id."""
+        self.engine.check_question(args.question)
         entry = self.registry.resolve(args.image)
         picture = entry.image
         location = self.engine.locate(picture, args.question)
@@ -114,6 +117,7 @@ class Toolbox:
 
     def focused_answer(self, args: FocusedInput) -> FocusedAnswer:
         """The micro step on a region given as a crop id or as a box."""
+        self.engine.check_question(args.question, args.options)
         entry = self.registry.resolve(args.image)
         crop = self._region(entry, args.image, args.crop_id, args.box, args.box_units)
         answer = self.engine.micro(
@@ -126,6 +130,13 @@ class Toolbox:
 
     def arbitrate_answers(self, args: ArbitrateInput) -> ArbitrationAnswer:
         """The official perplexity vote among the candidates in the micro context of a region."""
+        self.engine.check_question(args.question)
+        limit = self.engine.max_option_chars
+        for candidate in args.candidates:
+            if len(candidate) > limit:
+                raise ToolInputError(
+                    f"a candidate is {len(candidate):,} characters; the limit is {limit:,} (max_option_chars)"
+                )
         entry = self.registry.resolve(args.image)
         crop = self._region(entry, args.image, args.crop_id, args.box, args.box_units)
         vote = self.engine.arbitrate(

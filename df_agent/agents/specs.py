@@ -17,8 +17,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from df_agent.agents.answers import ToolAnswer
+from df_agent.agents.errors import ToolInputError
 from df_agent.agents.inputs import ArbitrateInput, AskInput, FocusedInput, RecallInput, ToolInput, ZoomInput
 from df_agent.agents.operations import Toolbox
+from df_agent.engine import InputLimitError
 from df_agent.observers import StepObserver
 
 _TEXTS = resources.files("df_agent.prompts") / "_tools"
@@ -74,13 +76,17 @@ class ToolSpec:
 
         Raises:
             pydantic.ValidationError: If the arguments do not fit the input model.
-            df_agent.agents.errors.PlannerError: If the call is one a planner can fix.
+            df_agent.agents.errors.PlannerError: If the call is one a planner can fix, including an
+                input over one of the engine's limits (`df_agent.engine.InputLimitError`).
         """
         args = self.parse(arguments)
-        if observer is None:
-            return self.operation(toolbox, args)
-        with toolbox.engine.observing(observer):
-            return self.operation(toolbox, args)
+        try:
+            if observer is None:
+                return self.operation(toolbox, args)
+            with toolbox.engine.observing(observer):
+                return self.operation(toolbox, args)
+        except InputLimitError as exc:
+            raise ToolInputError(str(exc)) from None
 
     def explain(self, error: ValidationError) -> str:
         """A validation error of this tool's arguments as one message naming each bad argument."""
