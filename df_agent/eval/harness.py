@@ -110,7 +110,7 @@ def evaluate_item(engine: DualFocus, benchmark: Benchmark, item: EvalItem) -> Re
         result = engine.ask(image, item.question, options=item.options, mode="dualfocus", use_memory=False)
         start = time.perf_counter()
         predictions = _path_answers(result, item)
-        if benchmark.compare_arbitration:
+        if benchmark.compare_arbitration and engine.backend.abilities.prompt_logprobs:  # they score
             predictions |= arbitration_answers(engine, image, item, result)
         if benchmark.extra is not None:
             predictions |= benchmark.extra(engine, image, item, result)
@@ -393,7 +393,7 @@ def figure(report_data: dict[str, Any]) -> Figure:
     """A bar chart of per-category accuracy: macro-only, micro-only and DualFocus side by side.
 
     The best-of-two oracle is a fourth, unfilled bar with a dotted edge, so no line crosses a value
-    label; the legend sits above the axes, clear of the bars.
+    label; the legend sits below the axes, clear of the bars.
 
     Raises:
         ImportError: If matplotlib is missing, naming the extra that installs it.
@@ -418,7 +418,7 @@ def figure(report_data: dict[str, Any]) -> Figure:
     axes.set_ylim(0, 1.08)
     axes.set_ylabel("accuracy")
     fig.suptitle(f"{report_data['benchmark']}: {Path(str(report_data['model'])).name}", fontsize=10)
-    fig.legend(loc="outside upper center", ncols=len(bars), fontsize=8, frameon=False)
+    fig.legend(loc="outside lower center", ncols=len(bars), fontsize=8, frameon=False)
     axes.spines[["top", "right"]].set_visible(False)
     return fig
 
