@@ -68,6 +68,7 @@ class OpenAITestServer:
         profile: "vllm", "hosted" or "bare" (see the module docstring).
         delay: Seconds slept before each answer (a simulated round trip).
         api_key: When set, requests without ``Authorization: Bearer <api_key>`` get 401.
+        port: The loopback port (0: a free one).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class OpenAITestServer:
         profile: Profile = "vllm",
         delay: float = 0.0,
         api_key: str | None = None,
+        port: int = 0,
     ) -> None:
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
@@ -89,12 +91,13 @@ class OpenAITestServer:
         self.records: list[Record] = []
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests the server held at once since the last reset
+        self.busy_s = 0.0  # seconds the model worked (requests wait for it in turn) since the last reset
         self._faults: dict[tuple[str, int], str] = {}
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()  # requests, faults and counters
         self._model_lock = threading.Lock()  # one request at the model at a time
         self._stopped = threading.Event()
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._http = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._http.daemon_threads = True
         self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
 
@@ -132,6 +135,7 @@ class OpenAITestServer:
         with self._lock:
             self.records.clear()
             self.max_in_flight = 0
+            self.busy_s = 0.0
             self._faults.clear()
             self._seen.clear()
 
@@ -362,6 +366,10 @@ def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:  # quiet
             pass
 
+        def setup(self) -> None:
+            super().setup()  # small writes go out at once, as from a real server (no Nagle stalls)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def _authorized(self) -> bool:
             if server.api_key is None or self.headers.get("Authorization") == f"Bearer {server.api_key}":
                 return True
@@ -412,7 +420,11 @@ def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 with server._model_lock:
-                    payload = route(body)
+                    start = time.perf_counter()
+                    try:
+                        payload = route(body)
+                    finally:
+                        server.busy_s += time.perf_counter() - start
             except BadRequest as err:
                 self._error(err.status, str(err))
                 return
@@ -455,3 +467,25 @@ def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
 VLLMTestServer = OpenAITestServer  # the name other tests know it by (profile "vllm" by default)
 
 __all__ = ["FAULTS", "PROFILES", "OpenAITestServer", "Profile", "Record", "VLLMTestServer"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the shipped model on 127.0.0.1 until interrupted (for bench/ and manual runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The OpenAI-compatible test server, standalone.")
+    parser.add_argument("--profile", choices=PROFILES, default="vllm")
+    parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds slept before each answer")
+    args = parser.parse_args(argv)
+    from df_agent.backends.hf import shipped_model_path
+
+    backend = HFBackend.from_pretrained(shipped_model_path(), device="cpu")
+    server = OpenAITestServer(backend, profile=args.profile, delay=args.delay, port=args.port)
+    with server:
+        print(server.url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -14,12 +14,11 @@ This is the only core module that imports LangChain (install ``df-agent[tools]``
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Callable, Sequence
 
 from PIL import Image
 
+from df_agent.backends._images import png_base64
 from df_agent.backends.base import Abilities, Backend, Conversation, Generation, Request
 from df_agent.backends.presets import preset_for
 from df_agent.boxes import BoxConvention
@@ -34,12 +33,6 @@ InputSize = tuple[int, int] | Callable[[Image.Image], tuple[int, int]]
 # The keyword each chat model class takes for the reply's token budget (default "max_tokens").
 PNG = "image/png"
 MAX_TOKENS_KWARGS = {"ChatOllama": "num_predict", "ChatGoogleGenerativeAI": "max_output_tokens"}
-
-
-def _png_base64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def token_logprobs(message: BaseMessage) -> tuple[float, ...] | None:
@@ -122,7 +115,6 @@ class ChatModelBackend(Backend):
     @staticmethod
     def messages(conversation: Conversation) -> list[BaseMessage]:
         """The conversation as LangChain messages with standard image and text content blocks."""
-        encoded: dict[int, str] = {}  # an image shown twice is encoded once
         messages: list[BaseMessage] = []
         for turn in conversation.turns:
             if turn.role == "assistant":
@@ -131,7 +123,7 @@ class ChatModelBackend(Backend):
             content: list[dict] = [
                 {
                     "type": "image",
-                    "base64": encoded.setdefault(id(i), _png_base64(i)),
+                    "base64": png_base64(i),
                     "mime_type": "image/png",
                 }
                 for i in turn.images

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from df_agent.backends._images import png_data_uri
 from df_agent.backends.base import (
     Abilities,
     Backend,
@@ -46,7 +47,6 @@ from df_agent.backends.base import (
 )
 from df_agent.backends.presets import Capabilities, preset_for
 from df_agent.boxes import BoxConvention
-from df_agent.images import to_data_uri
 
 try:
     import httpx
@@ -375,15 +375,13 @@ class OpenAIBackend(Backend):
         Each user turn is its images (base64 PNG data URLs, in order) then its text; an
         assistant turn is its text.
         """
-        uris: dict[int, str] = {}  # an image shown twice is encoded once
         messages: list[dict] = []
         for turn in conversation.turns:
             if turn.role == "assistant":
                 messages.append({"role": "assistant", "content": turn.text})
                 continue
             content = [
-                {"type": "image_url", "image_url": {"url": uris.setdefault(id(image), to_data_uri(image))}}
-                for image in turn.images
+                {"type": "image_url", "image_url": {"url": png_data_uri(image)}} for image in turn.images
             ]
             content.append({"type": "text", "text": turn.text})
             messages.append({"role": "user", "content": content})
@@ -409,8 +407,8 @@ class OpenAIBackend(Backend):
             return []
         logprobs = self.abilities.generation_logprobs
 
-        def one(request: Request) -> Generation:
-            payload = {
+        payloads = [  # built here, so that an image shared by the requests is encoded once
+            {
                 "model": self.model_id,
                 "messages": self.messages(request.conversation),
                 "max_tokens": request.max_new_tokens,
@@ -418,13 +416,17 @@ class OpenAIBackend(Backend):
                 "n": 1,
                 **({"logprobs": True} if logprobs else {}),
             }
+            for request in requests
+        ]
+
+        def one(payload: dict) -> Generation:
             text, values = self._stream_chat(payload)
             return Generation(text, values if logprobs else None)
 
-        if len(requests) == 1:
-            return [one(requests[0])]
-        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-            return list(pool.map(one, requests))
+        if len(payloads) == 1:
+            return [one(payloads[0])]
+        with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
+            return list(pool.map(one, payloads))
 
     def score(self, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
         """Mean negative log-likelihood of each candidate's tokens as the reply (lower is better).

@@ -41,6 +41,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "repeat for replicas; the API key, if any, is read from DF_AGENT_API_KEY",
     )  # fmt: skip
     model.add_argument("--served-model", help="the model's name on the server (default: the first listed)")
+    model.add_argument(
+        "--server-client", choices=["openai", "langchain"], default="openai",
+        help="OpenAIBackend (default) or ChatModelBackend over langchain-openai ChatOpenAI, for --server",
+    )  # fmt: skip
+    model.add_argument(
+        "--capabilities", choices=["vllm", "hosted", "bare"],
+        help="what --server offers (default: detected): prompt log-probabilities, generation ones, none",
+    )  # fmt: skip
     run = parser.add_argument_group("run")
     run.add_argument("--json", metavar="OUT.json", help="the report (default: ./eval-BENCHMARK.json)")
     run.add_argument("--rows", metavar="OUT.jsonl", help="per-question results (default: OUT.rows.jsonl)")
@@ -119,9 +127,21 @@ def build_engine(args: argparse.Namespace) -> DualFocus:
         return DualFocus.from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
     if args.model or args.device or args.dtype:
         raise ValueError("--server evaluates a served model: --model, --device and --dtype do not apply")
+    api_key = os.environ.get("DF_AGENT_API_KEY")
+    if args.server_client == "langchain":
+        from langchain_openai import ChatOpenAI
+
+        from df_agent.backends.chat_model import ChatModelBackend
+
+        logprobs = args.capabilities != "bare"
+        llm = ChatOpenAI(
+            model=args.served_model or "default", base_url=args.server[0], api_key=api_key or "none",
+            temperature=0, logprobs=logprobs,
+        )  # fmt: skip
+        return DualFocus(ChatModelBackend(llm, logprobs=logprobs), **kwargs)
     from df_agent.backends.openai import OpenAIBackend
 
-    backend = OpenAIBackend(args.server, args.served_model, api_key=os.environ.get("DF_AGENT_API_KEY"))
+    backend = OpenAIBackend(args.server, args.served_model, api_key=api_key, capabilities=args.capabilities)
     return DualFocus(backend, **kwargs)
 
 
