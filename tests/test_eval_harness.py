@@ -329,7 +329,7 @@ def test_vstar_scores_options_by_loss_in_each_context_from_the_same_pass(tmp_pat
     assert len(macro_context) == 2 and "Answer with the option" not in macro_context[0].turns[0].text
     assert report["settings"]["official_scoring"] == "loss"
     header, *_, every = table(report).splitlines()
-    assert header.split()[-3:] == ["loss:macro", "loss:micro", "loss:dualf"]
+    assert header.split()[-3:] == ["loss:macro", "loss:micro", "loss:dualfocus"]  # whole names
     assert every.split()[-3:] == ["0.000", "1.000", "1.000"]
 
 
