@@ -106,7 +106,7 @@ class FocusResult(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     crop: Image.Image | None = Field(default=None, exclude=True, repr=False)
 
-    def plot(self, image: Image.Image, *, source: str | None = None):
+    def plot(self, image: Image.Image | str, *, source: str | None = None):
         """A matplotlib figure explaining this result (see `df_agent.visualize.figure`)."""
         from df_agent.visualize import figure
 

@@ -8,12 +8,14 @@ why no vote ran when none did, the result's warnings and the image's path.
 
 from __future__ import annotations
 
+import os
 import textwrap
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
 from df_agent.boxes import Box, crop
+from df_agent.images import load_image
 
 if TYPE_CHECKING:  # results imports this module (FocusResult.plot): no import back at run time
     from matplotlib.figure import Figure
@@ -38,14 +40,16 @@ def annotate(image: Image.Image, result: FocusResult, *, width: int | None = Non
     return out
 
 
-def figure(result: FocusResult, image: Image.Image, *, source: str | None = None) -> Figure:
+def figure(
+    result: FocusResult, image: Image.Image | str | os.PathLike, *, source: str | None = None
+) -> Figure:
     """One figure that explains `result`: image and regions, the crop, the question, both answers.
 
     Args:
         result: The result of `DualFocus.ask` on `image`.
-        image: The image asked about (the crop is cut from it again when `result.crop` is unset,
-            e.g. for a result from memory).
-        source: Where the image came from (a path), printed under the figure.
+        image: The image asked about, or its path (the crop is cut from it again when
+            `result.crop` is unset, e.g. for a result from memory).
+        source: Where the image came from, printed under the figure (default: `image` if a path).
 
     Returns:
         A matplotlib figure of `FIGURE_INCHES` at `FIGURE_DPI` (1200 x 750 pixels when saved);
@@ -55,7 +59,9 @@ def figure(result: FocusResult, image: Image.Image, *, source: str | None = None
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
-    picture = image.convert("RGB")
+    if not isinstance(image, Image.Image):
+        source = source or str(image)
+    picture = load_image(image)
     fig = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
     grid = fig.add_gridspec(
         3, 2, height_ratios=[3.2, 0.3, 1.5], hspace=0.1, wspace=0.08, left=0.04, right=0.96
