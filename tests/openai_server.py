@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -99,7 +100,13 @@ class OpenAITestServer:
         self._stopped = threading.Event()
         self._http = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._http.daemon_threads = True
+        self._http.handle_error = self._handle_error  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+
+    def _handle_error(self, request: object, client_address: object) -> None:
+        """A client that hung up is no error of the server's; anything else is printed as usual."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            ThreadingHTTPServer.handle_error(self._http, request, client_address)  # type: ignore[arg-type]
 
     @property
     def url(self) -> str:
