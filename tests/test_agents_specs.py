@@ -81,7 +81,7 @@ def test_explain_names_each_bad_argument_and_what_the_tool_takes(arguments: dict
         spec.parse(arguments)
     message = spec.explain(error.value)
     assert message.startswith("Invalid arguments (") and expected in message
-    assert "focused_answer takes: image, question, crop_id, box, box_units, options." in message
+    assert "focused_answer takes: image, question, crop_id, box, box_units, box_frame, options." in message
 
 
 def test_field_descriptions_reach_the_schema() -> None:

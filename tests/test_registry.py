@@ -96,15 +96,70 @@ def test_crops_keep_their_parent_box_and_box_text() -> None:
     registry = ImageRegistry()
     registry.register(picture(size=(100, 80)), "scene")
     parent = registry.get("scene")
-    crop_image = parent.image.crop((10, 10, 50, 50))
-    crop = registry.add_crop(crop_image, parent=parent, box=Box(x1=10, y1=10, x2=50, y2=50), box_text="[0.1]")
-    assert crop.id.startswith("crop-") and crop.source == "crop"
-    assert crop.parent_hash == parent.hash and crop.box_text == "[0.1]"
-    assert registry.resolve(crop.id).image.size == (40, 40)
-    other = registry.add_crop(
-        crop_image, parent=parent, box=Box(x1=10, y1=10, x2=50, y2=50), box_text="[0.2]"
-    )
+    crop = registry.add_crop(parent, Box(x1=10, y1=10, x2=50, y2=50), box_text="[0.1]")
+    assert crop.id.startswith("crop-") and crop.source == "crop" and not crop.is_root
+    assert crop.parent_hash == parent.hash and crop.parent_id == "scene" and crop.box_text == "[0.1]"
+    assert (crop.root_id, crop.root_hash) == ("scene", parent.hash)
+    assert registry.resolve(crop.id).image.tobytes() == parent.image.crop((10, 10, 50, 50)).tobytes()
+    other = registry.add_crop(parent, Box(x1=10, y1=10, x2=50, y2=50), box_text="[0.2]")
     assert other.id != crop.id  # the same pixels reached from another box text are another crop
+
+
+def test_a_crop_of_a_crop_knows_its_root_and_is_cut_from_the_roots_pixels() -> None:
+    registry = ImageRegistry()
+    registry.register(picture(size=(200, 160)), "scene")
+    root = registry.get("scene")
+    first = registry.add_crop(root, Box(x1=40, y1=30, x2=140, y2=130), box_text="a")
+    second = registry.add_crop(first, Box(x1=10, y1=20, x2=50, y2=60), box_text="b")  # first's pixels
+    assert (second.root_id, second.parent_id, second.box) == (
+        "scene",
+        first.id,
+        Box(x1=10, y1=20, x2=50, y2=60),
+    )
+    assert second.region == Box(x1=50, y1=50, x2=90, y2=90)  # root pixels
+    assert registry.root_of(second) is root and registry.root_of(root) is root
+    # a resized view: its crop is cut from the root at full resolution, not from the shrunk pixels
+    view = registry.add_crop(root, Box(x1=0, y1=0, x2=200, y2=160), box_text="v", size=(50, 40))
+    assert view.image.size == (50, 40) and view.frame.scale_x == 4
+    inner = registry.add_crop(view, Box(x1=10, y1=10, x2=20, y2=20), box_text="w")
+    assert inner.image.size == (40, 40) and inner.region == Box(x1=40, y1=40, x2=80, y2=80)
+    assert inner.image.tobytes() == root.image.crop((40, 40, 80, 80)).tobytes()
+
+
+def test_using_a_crop_keeps_its_root_and_a_dropped_root_takes_its_crops() -> None:
+    registry = ImageRegistry(max_cached=3)
+    root = registry.resolve(to_data_uri(picture((10, 0, 0), (64, 64))))
+    crop = registry.add_crop(root, Box(x1=0, y1=0, x2=16, y2=16), box_text="a")
+    other = registry.resolve(to_data_uri(picture((20, 0, 0))))
+    registry.get(crop.id)  # uses the root too: `other` is now the oldest
+    registry.resolve(to_data_uri(picture((30, 0, 0))))
+    assert other.id not in registry and root.id in registry and crop.id in registry
+    for i in (40, 50):  # now the root is the oldest; it goes, and its crop with it
+        registry.resolve(to_data_uri(picture((i, 0, 0))))
+    assert root.id not in registry and crop.id not in registry
+    with pytest.raises(ImageReferenceError, match="was evicted.*a crop goes with its root"):
+        registry.get(crop.id)
+
+
+def test_a_new_crop_never_evicts_its_own_root() -> None:
+    side = 100
+    registry = ImageRegistry(max_cached_bytes=side * side * 3 + 10)
+    root = registry.resolve(to_data_uri(picture((10, 0, 0), (side, side))))
+    crop = registry.add_crop(root, Box(x1=0, y1=0, x2=50, y2=50), box_text="a")
+    assert root.id in registry and crop.id in registry  # over the budget, but both held
+    assert registry.cached_bytes() == side * side * 3 + 50 * 50 * 3
+
+
+def test_replacing_a_host_image_drops_the_crops_of_the_old_pixels() -> None:
+    registry = ImageRegistry()
+    registry.register(picture((10, 0, 0), (64, 64)), "scene")
+    crop = registry.add_crop(registry.get("scene"), Box(x1=0, y1=0, x2=16, y2=16), box_text="a")
+    registry.register(picture((10, 0, 0), (64, 64)), "scene")  # the same pixels: the crop stays
+    assert crop.id in registry
+    registry.register(picture((99, 0, 0), (64, 64)), "scene")
+    assert crop.id not in registry
+    with pytest.raises(ImageReferenceError, match="was evicted"):
+        registry.get(crop.id)
 
 
 def test_cache_drops_the_least_recently_used_but_never_host_images() -> None:
@@ -133,12 +188,12 @@ def test_an_evicted_id_says_it_was_evicted() -> None:
     registry = ImageRegistry(max_cached=1)
     registry.register(picture(size=(64, 64)), "scene")
     parent = registry.get("scene")
-    first = registry.add_crop(parent.image, parent=parent, box=Box(x1=0, y1=0, x2=8, y2=8), box_text="a")
-    registry.add_crop(parent.image, parent=parent, box=Box(x1=0, y1=0, x2=9, y2=9), box_text="b")
+    first = registry.add_crop(parent, Box(x1=0, y1=0, x2=8, y2=8), box_text="a")
+    registry.add_crop(parent, Box(x1=0, y1=0, x2=9, y2=9), box_text="b")
     for lookup in (registry.get, registry.resolve):
         with pytest.raises(ImageReferenceError, match=f"crop id '{first.id}' was evicted from the cache"):
             lookup(first.id)
-    again = registry.add_crop(parent.image, parent=parent, box=Box(x1=0, y1=0, x2=8, y2=8), box_text="a")
+    again = registry.add_crop(parent, Box(x1=0, y1=0, x2=8, y2=8), box_text="a")
     assert registry.get(first.id) is again  # made again: the same id is back
     with pytest.raises(ImageReferenceError, match="unknown image id 'crop-never'"):
         registry.get("crop-never")
@@ -158,7 +213,7 @@ def test_concurrent_crops_are_all_kept() -> None:
     def add(worker: int) -> None:
         for i in range(25):
             box = Box(x1=0, y1=0, x2=1 + i, y2=1 + worker)
-            registry.add_crop(parent.image, parent=parent, box=box, box_text=f"{worker}-{i}")
+            registry.add_crop(parent, box, box_text=f"{worker}-{i}")
 
     threads = [threading.Thread(target=add, args=(w,)) for w in range(8)]
     for thread in threads:

@@ -26,9 +26,9 @@ from PIL import Image
 
 import df_agent
 import df_agent.tools
-from df_agent.agents.answers import RegionAnswer
+from df_agent.agents.answers import PipelineAnswer, RegionAnswer
 from df_agent.agents.errors import ToolInputError
-from df_agent.agents.inputs import AskInput
+from df_agent.agents.inputs import PipelineInput
 from df_agent.agents.operations import Toolbox, planner_box
 from df_agent.agents.registry import ImageRegistry
 from df_agent.boxes import Box, BoxConvention, format_box, parse_box, zoom_box
@@ -76,7 +76,7 @@ def model_toolbox(model_engine: DualFocus) -> Toolbox:
     registry = ImageRegistry()
     registry.register(SCENE.image, "scene")
     toolbox = Toolbox(model_engine, registry)
-    toolbox.dualfocus_answer(AskInput(image="scene", question=QUESTION))  # something to recall
+    toolbox.dualfocus_answer(PipelineInput(image="scene", question=QUESTION))  # something to recall
     return toolbox
 
 
@@ -298,8 +298,10 @@ def test_dualfocus_answer_child_runs_carry_the_box_and_both_scores(mode: str) ->
     call = tool_call(tool, {"image": "scene", "question": QUESTION})
     config = {"callbacks": [recorder]}
     message = tool.invoke(call, config) if mode == "invoke" else asyncio.run(tool.ainvoke(call, config))
-    result: FocusResult = message.artifact
-    assert isinstance(result, FocusResult) and result.answer == "blue" and result.path == "micro"
+    pipeline: PipelineAnswer = message.artifact
+    result: FocusResult = pipeline.result
+    assert isinstance(result, FocusResult) and result.answer == pipeline.answer == "blue"
+    assert result.path == "micro" and pipeline.deeper is None  # no deeper zoom unless asked
     steps = recorder.of("dualfocus_answer")
     assert [s["step"] for s in recorder.steps] == ["macro", "locate", "zoom", "micro", "arbitrate"]
     assert steps["locate"]["outputs"]["box"] == result.box.model_dump()
@@ -666,7 +668,7 @@ def test_answers_are_logged_recalled_and_repeats_come_from_memory(tmp_path: Path
         answer.invoke(tool_call(answer, {"image": "other", "question": "How many objects are there?"}))
         repeat = answer.invoke(tool_call(answer, {"image": "scene", "question": "What color is the star?"}))
         assert (
-            not first.artifact.cached and repeat.artifact.cached and "Answered from memory" in repeat.content
+            not first.artifact.result.cached and repeat.artifact.result.cached and "Answered from memory" in repeat.content
         )
         assert len(toolkit.engine.backend.generated) == 6  # two askings ran the model (3 generations each)
 

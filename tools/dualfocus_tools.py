@@ -1,6 +1,6 @@
 """The DualFocus steps as LangChain tools, built from the agent layer's tool specs.
 
-Every tool answers with ``(content, artifact)``: short text (and, for `zoom_region`, the crop as an
+Every tool answers with ``(content, artifact)``: short text (and, for `zoom_region`, each crop as an
 image block) for the planner, the step's pydantic result for the program. Each tool's input schema
 is its spec's input model (`df_agent.agents.inputs`): unknown or malformed arguments become one
 message naming each bad argument, planner mistakes become `ToolException` messages
@@ -19,7 +19,7 @@ from langchain_core.messages.content import create_image_block, create_text_bloc
 from langchain_core.tools import BaseTool, ToolException
 from pydantic import ValidationError
 
-from df_agent.agents.answers import PipelineAnswer, ToolAnswer, preview_png
+from df_agent.agents.answers import ToolAnswer, preview_png
 from df_agent.agents.errors import PlannerError
 from df_agent.agents.operations import Toolbox
 from df_agent.agents.specs import BY_NAME, ToolSpec
@@ -52,6 +52,10 @@ class ChildRunObserver:
     def start(self, step: str, inputs: dict[str, Any]) -> _ChildRun:
         """Start the child run of `step`."""
         return _ChildRun(self._children.on_chain_start(None, inputs, name=step))
+
+
+def _b64_png(picture: Any) -> str:
+    return base64.b64encode(preview_png(picture)).decode("ascii")
 
 
 # -- the tools ----------------------------------------------------------------------------------------
@@ -95,14 +99,18 @@ class DualFocusTool(BaseTool):
 
     @staticmethod
     def _content(answer: ToolAnswer) -> str | list[dict[str, Any]]:
-        picture = answer.picture()
-        if picture is None:
+        pictures = answer.pictures()
+        if not pictures:
             return answer.summary()
-        data = base64.b64encode(preview_png(picture)).decode("ascii")
-        return [
-            dict(create_text_block(answer.summary())),
-            dict(create_image_block(base64=data, mime_type="image/png")),
+        images = [
+            dict(
+                create_image_block(
+                    base64=base64.b64encode(preview_png(p)).decode("ascii"), mime_type="image/png"
+                )
+            )
+            for p in pictures
         ]
+        return [dict(create_text_block(answer.summary())), *images]
 
     @staticmethod
     def _artifact(answer: ToolAnswer) -> Any:
@@ -110,14 +118,9 @@ class DualFocusTool(BaseTool):
 
 
 class DualFocusAnswerTool(DualFocusTool):
-    """The whole DualFocus pipeline; the artifact is the `FocusResult` with its full trace."""
+    """The whole DualFocus pipeline; the artifact is the `PipelineAnswer` (its `result` is the full trace)."""
 
     spec: ClassVar[ToolSpec] = BY_NAME["dualfocus_answer"]
-
-    @staticmethod
-    def _artifact(answer: ToolAnswer) -> Any:
-        assert isinstance(answer, PipelineAnswer)
-        return answer.result
 
 
 class GlobalAnswerTool(DualFocusTool):

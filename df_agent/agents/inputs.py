@@ -20,6 +20,7 @@ _FIELDS: dict[str, str] = tomllib.loads(
 )
 
 BoxUnits = Literal["pixels", "fraction"]
+BoxFrame = Literal["image", "root"]
 Text = Annotated[str, Field(min_length=1)]
 ImageArg = Annotated[str, Field(min_length=1, description=_FIELDS["image"])]
 QuestionArg = Annotated[str, Field(min_length=1, description=_FIELDS["question"])]
@@ -29,6 +30,8 @@ OptionsArg = Annotated[
 CropIdArg = Annotated[str | None, Field(min_length=1, description=_FIELDS["crop_id"])]
 BoxArg = Annotated[list[float] | None, Field(min_length=4, max_length=4, description=_FIELDS["box"])]
 BoxUnitsArg = Annotated[BoxUnits, Field(description=_FIELDS["box_units"])]
+BoxFrameArg = Annotated[BoxFrame, Field(description=_FIELDS["box_frame"])]
+ZoomDeeperArg = Annotated[bool, Field(description=_FIELDS["zoom_deeper"])]
 CandidatesArg = Annotated[list[Text], Field(min_length=2, description=_FIELDS["candidates"])]
 RecallQuestionArg = Annotated[str, Field(min_length=1, description=_FIELDS["recall_question"])]
 RecallImageArg = Annotated[str | None, Field(min_length=1, description=_FIELDS["recall_image"])]
@@ -49,6 +52,12 @@ class AskInput(ToolInput):
     options: OptionsArg = None
 
 
+class PipelineInput(AskInput):
+    """An image, a question, and whether to zoom one level deeper when unsure (`dualfocus_answer`)."""
+
+    zoom_deeper: ZoomDeeperArg = False
+
+
 class ZoomInput(ToolInput):
     """An image and the question whose region to find (`zoom_region`)."""
 
@@ -64,6 +73,7 @@ class FocusedInput(ToolInput):
     crop_id: CropIdArg = None
     box: BoxArg = None
     box_units: BoxUnitsArg = "pixels"
+    box_frame: BoxFrameArg = "image"
     options: OptionsArg = None
 
 
@@ -76,6 +86,7 @@ class ArbitrateInput(ToolInput):
     crop_id: CropIdArg = None
     box: BoxArg = None
     box_units: BoxUnitsArg = "pixels"
+    box_frame: BoxFrameArg = "image"
 
 
 class RecallInput(ToolInput):
@@ -89,8 +100,10 @@ class RecallInput(ToolInput):
 __all__ = [
     "ArbitrateInput",
     "AskInput",
+    "BoxFrame",
     "BoxUnits",
     "FocusedInput",
+    "PipelineInput",
     "RecallInput",
     "ToolInput",
     "ZoomInput",

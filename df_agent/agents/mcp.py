@@ -29,7 +29,9 @@ INSTRUCTIONS = (
     "DualFocus answers questions about images by looking at the whole picture, then zooming into the "
     "region the question is about. Call dualfocus_answer for a whole answer, or drive the steps: "
     "global_answer, zoom_region (returns the crop and a crop id), focused_answer, arbitrate_answers. "
-    "Images are image ids, base64 data URIs, or paths the server allows."
+    "Images are image ids, base64 data URIs, or paths the server allows; a crop id is an image too, so "
+    "zoom_region on a crop zooms within the zoom. Boxes are given in the pixels of the image passed (box, "
+    "crop_box) and of the root image it was cut from (box_root, crop_box_root)."
 )
 
 
@@ -92,9 +94,9 @@ def spec_tool(spec: ToolSpec, toolbox: Toolbox) -> Tool:
             except PlannerError as exc:
                 raise ToolError(str(exc)) from None
             content: Any = answer.summary()
-            picture = answer.picture()
-            if picture is not None:
-                content = [content, Image(data=preview_png(picture), format="png")]
+            pictures = answer.pictures()
+            if pictures:
+                content = [content, *(Image(data=preview_png(p), format="png") for p in pictures)]
             return ToolResult(content=content, structured_content=answer.model_dump(mode="json"))
 
     return SpecTool(name=spec.name, description=spec.description, parameters=spec.input.model_json_schema())

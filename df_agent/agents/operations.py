@@ -8,6 +8,11 @@ Planner mistakes (a bad reference, a region given twice, a box outside the image
 `PlannerError`, which the adapters turn into tool errors. The memory is the engine's: `ask` looks up
 exact repeats in it and logs to it, and `recall_visual_qa` reads it.
 
+Any image may be a crop id: the operation then works in the crop's frame (it locates inside the crop,
+and the micro step sees [the crop, the new crop], as the engine's micro step sees [image, crop]). Every
+new crop is cut from the root image's full-resolution pixels (`ImageRegistry.add_crop`), and results
+give boxes both in the pixels of the image passed and in the root's (`df_agent.agents.answers`).
+
 To watch the engine's steps, run an operation inside ``with toolbox.engine.observing(observer):``
 (`df_agent.agents.specs.ToolSpec.call` does).
 """
@@ -19,18 +24,35 @@ from typing import Any, Protocol, runtime_checkable
 
 from df_agent.agents.answers import (
     ArbitrationAnswer,
+    DeeperZoom,
     FocusedAnswer,
     GlobalAnswer,
     PastAnswer,
     PipelineAnswer,
     RecallAnswer,
+    Region,
     RegionAnswer,
 )
 from df_agent.agents.errors import ToolInputError
-from df_agent.agents.inputs import ArbitrateInput, AskInput, BoxUnits, FocusedInput, RecallInput, ZoomInput
+from df_agent.agents.inputs import (
+    ArbitrateInput,
+    AskInput,
+    BoxFrame,
+    BoxUnits,
+    FocusedInput,
+    PipelineInput,
+    RecallInput,
+    ZoomInput,
+)
 from df_agent.agents.registry import ImageRegistry, RegisteredImage
-from df_agent.boxes import Box, format_box
-from df_agent.engine import DualFocus
+from df_agent.boxes import Box, NoBoxError, format_box
+from df_agent.engine import DualFocus, option_letter
+from df_agent.results import Location
+
+# zoom_deeper: the first zoom's micro answer goes one level deeper when its mean NLL (in the context it
+# was generated in) is above this. Measured on the shipped model on FocusShapes scenes rendered at
+# 1280 px (bench/zoom_deeper.py, see its docstring for the figures); recalibrate for other models.
+DEEPER_THRESHOLD = 0.3
 
 
 class Recalled(Protocol):
@@ -57,11 +79,20 @@ class Toolbox:
             its backend is, as `HFBackend` is). Its memory, if any, is the toolbox's: build the engine
             with ``DualFocus(backend, memory=memory)``.
         registry: Where image ids live and how references resolve; default: no paths, no URLs.
+        deeper_threshold: ``dualfocus_answer(zoom_deeper=True)`` zooms one level deeper when the
+            micro answer's mean NLL is above this (see `DeeperZoom`).
     """
 
-    def __init__(self, engine: DualFocus, registry: ImageRegistry | None = None) -> None:
+    def __init__(
+        self,
+        engine: DualFocus,
+        registry: ImageRegistry | None = None,
+        *,
+        deeper_threshold: float = DEEPER_THRESHOLD,
+    ) -> None:
         self.engine = engine
         self.registry = registry if registry is not None else ImageRegistry()
+        self.deeper_threshold = deeper_threshold
 
     @property
     def memory(self) -> RecallingMemory | None:
@@ -69,16 +100,26 @@ class Toolbox:
         memory = self.engine.memory
         return memory if isinstance(memory, RecallingMemory) else None
 
-    def dualfocus_answer(self, args: AskInput) -> PipelineAnswer:
-        """The whole pipeline: macro, locate, zoom, micro, vote; exact repeats come from the memory."""
+    def dualfocus_answer(self, args: PipelineInput) -> PipelineAnswer:
+        """The whole pipeline (macro, locate, zoom, micro, vote; exact repeats come from the memory), and
+        with ``zoom_deeper`` one level deeper into the crop when the micro answer is not confident."""
         entry = self.registry.resolve(args.image)
         result = self.engine.ask(entry.image, args.question, options=args.options)
-        crop_id = None
+        crop = None
         if result.crop is not None and result.crop_box is not None:
-            crop_id = self.registry.add_crop(
-                result.crop, parent=entry, box=result.crop_box, box_text=result.box_text or ""
-            ).id
-        return PipelineAnswer(image_id=entry.id, crop_id=crop_id, result=result)
+            crop = self._crop(entry, result.crop_box, result.box_text or "")
+        answer = PipelineAnswer(
+            **self._frame(entry), answer=result.answer, crop_id=crop.id if crop else None,
+            box_root=entry.frame.to_root(result.box) if result.box is not None else None,
+            crop_box_root=crop.region if crop else None, result=result,
+        )  # fmt: skip
+        if not args.zoom_deeper:
+            return answer
+        deeper = self._deeper(entry, crop, result, args)
+        update: dict = {"deeper": deeper}
+        if deeper.chosen:
+            update["answer"] = deeper.answer
+        return answer.model_copy(update=update)
 
     def global_answer(self, args: AskInput) -> GlobalAnswer:
         """The macro step: the answer from the whole image."""
@@ -88,44 +129,53 @@ class Toolbox:
         return GlobalAnswer(image_id=entry.id, question=args.question, options=args.options, answer=answer)
 
     def zoom_region(self, args: ZoomInput) -> RegionAnswer:
-        """The locate and zoom steps; the crop is registered under a new id."""
+        """The locate and zoom steps in the image's frame; each region's crop is registered under a new id."""
         self.engine.check_question(args.question)
         entry = self.registry.resolve(args.image)
         picture = entry.image
         location = self.engine.locate(picture, args.question)
-        region = RegionAnswer(
-            image_id=entry.id,
-            question=args.question,
-            image_size=picture.size,
-            box_text=location.box_text,
-            box=location.box,
-            failure=location.failure,
-        )
-        if location.box is None:
-            return region
-        zoomed = self.engine.zoom(picture, location.box)
-        crop = self.registry.add_crop(zoomed.crop, parent=entry, box=zoomed.box, box_text=location.box_text)
-        return region.model_copy(
-            update={
-                "box_normalized": location.box.normalized(picture.size),
-                "crop_box": zoomed.box,
-                "crop_box_normalized": zoomed.box.normalized(picture.size),
-                "crop_id": crop.id,
-                "crop": zoomed.crop,
-            }
-        )
+        boxes = located_boxes(location)
+        regions = []
+        for box in boxes:
+            # one box: the micro step continues the model's own reply; several: each its own box, written
+            # as the model writes boxes
+            box_text = location.box_text if len(boxes) == 1 else self._box_text(box, picture)
+            zoomed = self.engine.zoom(picture, box)
+            crop = self._crop(entry, zoomed.box, box_text)
+            regions.append(
+                Region(
+                    box=box, box_root=entry.frame.to_root(box), box_normalized=box.normalized(picture.size),
+                    crop_box=entry.frame.from_root(crop.region), crop_box_root=crop.region,
+                    crop_box_normalized=zoomed.box.normalized(picture.size), crop_id=crop.id,
+                    box_text=box_text, crop=crop.image,
+                )
+            )  # fmt: skip
+        first = regions[0] if regions else None
+        return RegionAnswer(
+            **self._frame(entry), question=args.question, box_text=location.box_text,
+            box=first.box if first else None, failure=location.failure if not regions else None,
+            regions=regions,
+            **({} if first is None else {
+                "box_root": first.box_root, "box_normalized": first.box_normalized,
+                "crop_box": first.crop_box, "crop_box_root": first.crop_box_root,
+                "crop_box_normalized": first.crop_box_normalized, "crop_id": first.crop_id,
+            }),
+        )  # fmt: skip
 
     def focused_answer(self, args: FocusedInput) -> FocusedAnswer:
-        """The micro step on a region given as a crop id or as a box."""
+        """The micro step on [the image, the crop of a region] given as a crop id or as a box."""
         self.engine.check_question(args.question, args.options)
         entry = self.registry.resolve(args.image)
-        crop = self._region(entry, args.image, args.crop_id, args.box, args.box_units)
+        crop, box_text = self._region(
+            entry, args.image, args.crop_id, args.box, args.box_units, args.box_frame
+        )
         answer = self.engine.micro(
-            entry.image, crop.image, args.question, box_text=crop.box_text or "", options=args.options
+            entry.image, crop.image, args.question, box_text=box_text, options=args.options
         )
         return FocusedAnswer(
-            image_id=entry.id, question=args.question, options=args.options, crop_id=crop.id,
-            crop_box=crop.box, box_text=crop.box_text or "", answer=answer,
+            **self._frame(entry), question=args.question, options=args.options, crop_id=crop.id,
+            crop_box=entry.frame.from_root(crop.region), crop_box_root=crop.region, box_text=box_text,
+            answer=answer,
         )  # fmt: skip
 
     def arbitrate_answers(self, args: ArbitrateInput) -> ArbitrationAnswer:
@@ -138,14 +188,16 @@ class Toolbox:
                     f"a candidate is {len(candidate):,} characters; the limit is {limit:,} (max_option_chars)"
                 )
         entry = self.registry.resolve(args.image)
-        crop = self._region(entry, args.image, args.crop_id, args.box, args.box_units)
+        crop, box_text = self._region(
+            entry, args.image, args.crop_id, args.box, args.box_units, args.box_frame
+        )
         vote = self.engine.arbitrate(
-            entry.image, crop.image, args.question, args.candidates,
-            box_text=crop.box_text or "", method="official",
+            entry.image, crop.image, args.question, args.candidates, box_text=box_text, method="official",
         )  # fmt: skip
         return ArbitrationAnswer(
-            image_id=entry.id, question=args.question, crop_id=crop.id, crop_box=crop.box,
-            arbitration=vote, answer=vote.answer,
+            **self._frame(entry), question=args.question, crop_id=crop.id,
+            crop_box=entry.frame.from_root(crop.region), crop_box_root=crop.region, arbitration=vote,
+            answer=vote.answer,
         )  # fmt: skip
 
     def recall_visual_qa(self, args: RecallInput) -> RecallAnswer:
@@ -171,7 +223,27 @@ class Toolbox:
         ]
         return RecallAnswer(question=args.question, image_id=entry.id if entry else None, records=records)
 
-    # -- regions ---------------------------------------------------------------------------------
+    # -- frames and regions ----------------------------------------------------------------------
+
+    def _frame(self, entry: RegisteredImage) -> dict:
+        """The frame fields of a result about `entry`."""
+        root = self.registry.root_of(entry)
+        return {
+            "image_id": entry.id, "root_id": root.id, "frame": entry.id,
+            "image_size": entry.image.size, "root_size": root.image.size,
+        }  # fmt: skip
+
+    def _crop(self, entry: RegisteredImage, region: Box, box_text: str) -> RegisteredImage:
+        """Register `region` (pixels of `entry`) as a crop, cut from the root's full-resolution pixels."""
+        try:
+            return self.registry.add_crop(entry, region, box_text=box_text)
+        except ValueError as exc:
+            raise ToolInputError(f"the region cannot be cropped: {exc}") from None
+
+    def _box_text(self, box: Box, picture) -> str:
+        """`box` (pixels of `picture`) written as the backend's model writes boxes about `picture`."""
+        backend = self.engine.backend
+        return format_box(box, backend.box_convention, picture.size, backend.input_size(picture))
 
     def _region(
         self,
@@ -180,31 +252,126 @@ class Toolbox:
         crop_id: str | None,
         box: Sequence[float] | None,
         box_units: BoxUnits,
-    ) -> RegisteredImage:
-        """The crop a region names: a registered crop of this image, or a new crop of a planner's box."""
+        box_frame: BoxFrame,
+    ) -> tuple[RegisteredImage, str]:
+        """The crop a region names and the box text the micro step shows for it in `entry`'s frame.
+
+        A registered crop inside this image (its own crop: the box text it was made with; a crop of the
+        same root within it: its region written in this image's frame), or a new crop of a planner's box.
+        """
         if (crop_id is None) == (box is None):
             raise ToolInputError(
                 "give the region either as crop_id (from zoom_region) or as box=[x1, y1, x2, y2]"
                 + (", not both" if crop_id is not None else "")
             )
+        picture = entry.image
         if crop_id is not None:
             crop = self.registry.get(crop_id)
-            if crop.source != "crop":
+            if crop.is_root:
                 raise ToolInputError(
                     f"{crop_id!r} is a whole image, not a crop; pass a crop id from zoom_region, or a box"
                 )
-            if crop.parent_hash != entry.hash:
+            if crop.parent_hash == entry.hash and crop.root_hash == entry.root_hash:  # its own crop
+                return crop, crop.box_text or ""
+            inside = crop.root_hash == entry.root_hash and _contains(entry.region, crop.region)
+            if not inside:
                 raise ToolInputError(
-                    f"crop {crop_id!r} was cut from another image than {image!r}; pass the image it was cut "
-                    "from, or give a box on this image instead"
+                    f"crop {crop_id!r} was cut from another image than {image!r}, or lies outside it; pass "
+                    "the image it was cut from, or give a box on this image instead"
                 )
-            return crop
-        picture = entry.image
-        region = planner_box(box, box_units, picture.size)  # type: ignore[arg-type]
-        zoomed = self.engine.zoom(picture, region)
-        backend = self.engine.backend
-        box_text = format_box(region, backend.box_convention, picture.size, backend.input_size(picture))
-        return self.registry.add_crop(zoomed.crop, parent=entry, box=zoomed.box, box_text=box_text)
+            return crop, self._box_text(entry.frame.from_root(crop.region), picture)
+        values = list(box)  # type: ignore[arg-type]
+        if box_frame == "root":
+            root = self.registry.root_of(entry)
+            in_root = planner_box(values, box_units, root.image.size)
+            region = entry.frame.from_root(in_root)
+            values, box_units = list(region.as_tuple()), "pixels"
+            where = f"the root image {root.id!r}"
+        else:
+            where = None
+        try:
+            region = planner_box(values, box_units, picture.size)
+        except ToolInputError as exc:
+            if where is None:
+                raise
+            raise ToolInputError(f"{exc} ({image!r} shows only part of {where}: {entry.region})") from None
+        try:
+            zoomed = self.engine.zoom(picture, region)
+        except NoBoxError as exc:
+            raise ToolInputError(f"box {values} leaves nothing to crop: {exc}") from None
+        box_text = self._box_text(region, picture)
+        return self._crop(entry, zoomed.box, box_text), box_text
+
+    # -- one level deeper ----------------------------------------------------------------------------
+
+    def _deeper(
+        self, entry: RegisteredImage, crop: RegisteredImage | None, result, args: PipelineInput
+    ) -> DeeperZoom:
+        """Zoom once more inside `crop` when the micro answer is not confident (the `DeeperZoom` rule)."""
+        threshold = self.deeper_threshold
+        if crop is None or result.micro_answer is None:
+            why = "answered from memory" if result.cached else "the pipeline made no crop"
+            return DeeperZoom(threshold=threshold, fired=False, reason=f"not run: {why}")
+        if not self.engine.backend.abilities.prompt_logprobs:
+            return DeeperZoom(
+                threshold=threshold, fired=False,
+                reason="not run: the backend cannot score answers, so the micro answer has no confidence",
+            )  # fmt: skip
+        engine, question, options = self.engine, args.question, args.options
+        nll = self._micro_nll(entry.image, crop.image, result.box_text or "", result.micro_answer, args)
+        if nll <= threshold:
+            return DeeperZoom(
+                threshold=threshold, micro_nll=nll, fired=False,
+                reason=f"not needed: the zoomed answer's mean NLL {nll:.3f} is at most {threshold:g}",
+            )  # fmt: skip
+        location = engine.locate(crop.image, question)
+        if location.box is None:
+            return DeeperZoom(
+                threshold=threshold, micro_nll=nll, fired=True, box_text=location.box_text,
+                reason=f"no box inside the crop ({location.failure}); the pipeline's answer stands",
+            )  # fmt: skip
+        zoomed = engine.zoom(crop.image, location.box)
+        deeper = self._crop(crop, zoomed.box, location.box_text)
+        answer = engine.micro(crop.image, deeper.image, question, box_text=location.box_text, options=options)
+        deeper_nll = self._micro_nll(crop.image, deeper.image, location.box_text, answer, args)
+        usable = bool(answer.strip()) and (not options or option_letter(answer, options) is not None)
+        chosen = usable and deeper_nll < nll
+        final = (option_letter(answer, options) if options else answer) if chosen else None
+        verdict = (
+            f"the deeper answer's mean NLL {deeper_nll:.3f} is lower: it is the answer"
+            if chosen else f"the deeper answer's mean NLL {deeper_nll:.3f} is not lower"
+            + ("" if usable else " or it is not an answer") + "; the pipeline's answer stands"
+        )  # fmt: skip
+        return DeeperZoom(
+            threshold=threshold, micro_nll=nll, fired=True,
+            reason=f"the zoomed answer's mean NLL {nll:.3f} is above {threshold:g}; {verdict}",
+            box_text=location.box_text, box=location.box, box_root=crop.frame.to_root(location.box),
+            crop_box_root=deeper.region, crop_id=deeper.id, answer=final if chosen else answer,
+            answer_nll=deeper_nll, chosen=chosen,
+        )  # fmt: skip
+
+    def _micro_nll(self, image, crop_image, box_text: str, answer: str, args: PipelineInput) -> float:
+        """`answer`'s mean NLL in the micro context it was generated in (inf when empty)."""
+        if not answer.strip():
+            return float("inf")
+        context = self.engine.micro_conversation(image, crop_image, args.question, box_text, args.options)
+        return self.engine.backend.score(context, [answer])[0]
+
+
+def located_boxes(location: Location) -> list[Box]:
+    """Every box the locate step read, in order: `Location.boxes` when the engine reads several, else
+    the one box (none when unreadable)."""
+    boxes = getattr(location, "boxes", None)  # several boxes: once the engine's Location carries them
+    if boxes:
+        return list(boxes)
+    return [] if location.box is None else [location.box]
+
+
+def _contains(outer: Box, inner: Box, eps: float = 1e-6) -> bool:
+    return (
+        inner.x1 >= outer.x1 - eps and inner.y1 >= outer.y1 - eps
+        and inner.x2 <= outer.x2 + eps and inner.y2 <= outer.y2 + eps
+    )  # fmt: skip
 
 
 def planner_box(values: Sequence[float], units: BoxUnits, image_size: tuple[int, int]) -> Box:
@@ -245,4 +412,4 @@ def planner_box(values: Sequence[float], units: BoxUnits, image_size: tuple[int,
     return Box(x1=cx1, y1=cy1, x2=cx2, y2=cy2)
 
 
-__all__ = ["Recalled", "RecallingMemory", "Toolbox", "planner_box"]
+__all__ = ["DEEPER_THRESHOLD", "Recalled", "RecallingMemory", "Toolbox", "located_boxes", "planner_box"]

@@ -7,6 +7,12 @@ path under one of the host's allowed roots (none by default). Paths are resolved
 ``..`` followed *before* the containment check, and the file read is the resolved one, so nothing
 outside the roots is ever opened. Anything else raises `ImageReferenceError` with a message a planner
 can act on. The module knows nothing of LangChain or MCP: both adapters share it.
+
+Every image held knows its root and its frame (`df_agent.frames.Frame`): a whole image is its own root;
+a crop, or a crop of a crop, records the root's id and where it sits in the root, and its pixels are
+always cut from the root's full-resolution pixels (never from an already resized crop). So that a
+crop's root stays reachable, using a crop also counts as using its root (least-recently-used order),
+and dropping a root from the cache drops its crops with it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from PIL import Image
 
 from df_agent.agents.errors import ImageReferenceError
 from df_agent.boxes import Box
+from df_agent.frames import Frame, cut, cut_region
 from df_agent.images import DEFAULT_MAX_PIXELS, ImageError, decode_data_uri, image_hash, load_image
 
 if TYPE_CHECKING:
@@ -38,6 +45,7 @@ _REMEMBERED_EVICTIONS = 4096
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SHOWN_IDS = 10
+IDENTITY = Frame()
 
 
 @dataclass(frozen=True)
@@ -49,19 +57,42 @@ class RegisteredImage:
         image: The decoded RGB image.
         hash: Its content hash (`df_agent.images.image_hash`).
         source: Where it came from: "host", "data_uri", "file", "url" or "crop".
+        root_id: The id of its root image (its own id for a whole image).
+        root_hash: The root's content hash (its own hash for a whole image).
+        frame: Its transform to the root's pixels (the identity for a whole image).
+        parent_id: For a crop: the id of the image it was cut from (the root, or another crop).
         parent_hash: For a crop: the content hash of the image it was cut from.
         box: For a crop: the cropped region in the parent image's pixels.
         box_text: For a crop: the box as the model writes it (its own reply, or the planner's box
-            written in the model's convention), which the micro step continues from.
+            written in the model's convention) in the parent's frame, which the micro step continues from.
     """
 
     id: str
     image: Image.Image
     hash: str
     source: Source
+    root_id: str = ""
+    root_hash: str = ""
+    frame: Frame = IDENTITY
+    parent_id: str | None = None
     parent_hash: str | None = None
     box: Box | None = None
     box_text: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.root_id:  # a whole image is its own root
+            object.__setattr__(self, "root_id", self.id)
+            object.__setattr__(self, "root_hash", self.hash)
+
+    @property
+    def is_root(self) -> bool:
+        """Whether this is a whole image (its own root), not a crop."""
+        return self.source != "crop"
+
+    @property
+    def region(self) -> Box:
+        """The part of the root this image shows, in the root's pixels."""
+        return self.frame.extent(self.image.size)
 
 
 class ImageRegistry:
@@ -70,8 +101,11 @@ class ImageRegistry:
     Images the host registers are kept until replaced; images resolved from data URIs, files and URLs,
     and crops, are cached under ids too (so a planner can refer to them again), the least recently
     used ones dropped beyond `max_cached` entries or `max_cached_bytes` of decoded pixels (the newest
-    entry is always kept). An id dropped so is remembered: asking for it again says it was evicted.
-    Safe to share between threads.
+    entry, and the root of a new crop, are always kept). Each crop counts its own pixels; its root's
+    pixels count once, in the root's entry (nothing for a host image). Using a crop also uses its root,
+    so crops go before their root; a root dropped takes its crops with it, so a crop held can always be
+    cut again from its root's pixels. An id dropped so is remembered: asking for it again says it was
+    evicted. Safe to share between threads.
 
     Args:
         allowed_roots: Folders whose files planners may name by path (none by default: no paths).
@@ -147,6 +181,10 @@ class ImageRegistry:
             id=image_id or f"img-{digest[:12]}", image=picture, hash=digest, source="host"
         )
         with self._lock:
+            replaced = self._pinned.get(entry.id) or self._cached.get(entry.id)
+            if replaced is not None and replaced.hash != digest:  # its crops show other pixels now
+                for crop_id in [k for k, v in self._cached.items() if v.root_id == entry.id]:
+                    self._drop(crop_id)
             dropped = self._cached.pop(entry.id, None)
             if dropped is not None:
                 self._cached_bytes -= decoded_bytes(dropped.image)
@@ -155,24 +193,53 @@ class ImageRegistry:
         return entry.id
 
     def add_crop(
-        self, crop: Image.Image, *, parent: RegisteredImage, box: Box, box_text: str
+        self, parent: RegisteredImage, box: Box, *, box_text: str, size: tuple[int, int] | None = None
     ) -> RegisteredImage:
-        """Keep a crop of `parent` under a new id and return its entry.
+        """Cut `box` of `parent` from the root's full-resolution pixels, keep it under a new id, return it.
 
         Args:
-            crop: The cropped image.
-            parent: The image it was cut from.
-            box: The cropped region in the parent's pixels.
+            parent: The image the region is given in: a whole image or a crop (of a crop...).
+            box: The region in the parent's pixels; it is mapped to the root through the parent's
+                frame and cut there at its integer hull, clipped to the root.
             box_text: The box as the model writes it (see `RegisteredImage.box_text`).
+            size: Hold the crop resized to ``(width, height)`` (a view); default its root pixels
+                unchanged (scale 1).
+
+        Raises:
+            ImageReferenceError: If the parent's root is no longer held.
+            ValueError: If the region does not lie within the root image.
         """
-        digest = image_hash(crop)
-        key = hashlib.sha256(f"{parent.hash}\n{box.as_tuple()}\n{box_text}".encode()).hexdigest()
+        root = self.root_of(parent)
+        region = cut_region(parent.frame.to_root(box), root.image.size)
+        picture = cut(root.image, region, size)
+        frame = Frame.of_region(region, None if size is None else picture.size)
+        key = hashlib.sha256(
+            f"{root.hash}\n{region.as_tuple()}\n{picture.size}\n{parent.hash}\n{box_text}".encode()
+        ).hexdigest()
         entry = RegisteredImage(
-            id=f"crop-{key[:12]}", image=crop, hash=digest, source="crop",
+            id=f"crop-{key[:12]}", image=picture, hash=image_hash(picture), source="crop",
+            root_id=root.id, root_hash=root.hash, frame=frame, parent_id=parent.id,
             parent_hash=parent.hash, box=box, box_text=box_text,
         )  # fmt: skip
-        self._cache(entry)
+        self._cache(entry, keep=root.id)
         return entry
+
+    def root_of(self, entry: RegisteredImage) -> RegisteredImage:
+        """The whole image `entry` was cut from (`entry` itself for a whole image).
+
+        Raises:
+            ImageReferenceError: If the root is no longer held (replaced by the host under its id).
+        """
+        if entry.is_root:
+            return entry
+        with self._lock:
+            root = self._pinned.get(entry.root_id) or self._cached.get(entry.root_id)
+        if root is None or root.hash != entry.root_hash:
+            raise ImageReferenceError(
+                f"the image crop {entry.id!r} was cut from ({entry.root_id!r}) is no longer held; pass the "
+                "image again and zoom again"
+            )
+        return root
 
     def get(self, image_id: str) -> RegisteredImage:
         """The entry under `image_id`.
@@ -184,6 +251,8 @@ class ImageRegistry:
             entry = self._pinned.get(image_id) or self._cached.get(image_id)
             if entry is not None and image_id in self._cached:
                 self._cached.move_to_end(image_id)
+            if entry is not None and entry.root_id in self._cached:  # using a crop uses its root
+                self._cached.move_to_end(entry.root_id)
             evicted = entry is None and image_id in self._evicted
         if evicted:
             raise self._evicted_error(image_id)
@@ -217,7 +286,11 @@ class ImageRegistry:
         with self._lock:
             return self._cached_bytes
 
-    def _cache(self, entry: RegisteredImage) -> RegisteredImage:
+    def _cache(self, entry: RegisteredImage, keep: str | None = None) -> RegisteredImage:
+        """Hold `entry` (and touch `keep`, its root); drop the least recently used beyond the budgets.
+
+        The new entry and `keep` are never dropped; dropping a root drops its crops too.
+        """
         with self._lock:
             if entry.id in self._pinned:
                 return self._pinned[entry.id]
@@ -227,19 +300,35 @@ class ImageRegistry:
             self._cached[entry.id] = entry
             self._cached_bytes += decoded_bytes(entry.image)
             self._evicted.pop(entry.id, None)
-            while len(self._cached) > 1 and (
-                len(self._cached) > self.max_cached or self._cached_bytes > self.max_cached_bytes
-            ):
-                dropped_id, dropped = self._cached.popitem(last=False)
-                self._cached_bytes -= decoded_bytes(dropped.image)
-                self._evicted[dropped_id] = None
-                if len(self._evicted) > _REMEMBERED_EVICTIONS:
-                    self._evicted.popitem(last=False)
+            if keep is not None and keep in self._cached:
+                self._cached.move_to_end(keep)
+            protected = {entry.id, keep}
+            while len(self._cached) > self.max_cached or self._cached_bytes > self.max_cached_bytes:
+                oldest = next((k for k in self._cached if k not in protected), None)
+                if oldest is None:
+                    break
+                self._drop(oldest)
         return entry
+
+    def _drop(self, image_id: str) -> None:
+        """Evict `image_id` from the cache, and its crops with it if it is a root (lock held)."""
+        dropped = self._cached.pop(image_id, None)
+        if dropped is None:
+            return
+        self._cached_bytes -= decoded_bytes(dropped.image)
+        self._evicted[image_id] = None
+        if len(self._evicted) > _REMEMBERED_EVICTIONS:
+            self._evicted.popitem(last=False)
+        if dropped.is_root:
+            for crop_id in [k for k, v in self._cached.items() if v.root_id == image_id]:
+                self._drop(crop_id)
 
     def _evicted_error(self, image_id: str) -> ImageReferenceError:
         if image_id.startswith("crop-"):
-            kind, again = "crop", "make the crop again (zoom_region, or a box on its image)"
+            kind, again = (
+                "crop",
+                "make the crop again (zoom_region, or a box on its image; a crop goes with its root)",
+            )
         else:
             kind, again = "image", "pass the image again"
         return ImageReferenceError(

@@ -18,7 +18,15 @@ from pydantic import ValidationError
 
 from df_agent.agents.answers import ToolAnswer
 from df_agent.agents.errors import ToolInputError
-from df_agent.agents.inputs import ArbitrateInput, AskInput, FocusedInput, RecallInput, ToolInput, ZoomInput
+from df_agent.agents.inputs import (
+    ArbitrateInput,
+    AskInput,
+    FocusedInput,
+    PipelineInput,
+    RecallInput,
+    ToolInput,
+    ZoomInput,
+)
 from df_agent.agents.operations import Toolbox
 from df_agent.engine import InputLimitError
 from df_agent.observers import StepObserver
@@ -109,7 +117,7 @@ class ToolSpec:
 
 
 SPECS: tuple[ToolSpec, ...] = (
-    ToolSpec("dualfocus_answer", AskInput, Toolbox.dualfocus_answer),
+    ToolSpec("dualfocus_answer", PipelineInput, Toolbox.dualfocus_answer),
     ToolSpec("global_answer", AskInput, Toolbox.global_answer),
     ToolSpec("zoom_region", ZoomInput, Toolbox.zoom_region),
     ToolSpec("focused_answer", FocusedInput, Toolbox.focused_answer),
