@@ -146,7 +146,7 @@ def _path_answers(result: FocusResult, item: EvalItem) -> dict[str, str]:
     """The macro, micro (macro where no box) and DualFocus answers; option letters with options."""
     macro = result.macro_answer if result.macro_answer is not None else result.answer
     micro = result.micro_answer if result.micro_answer is not None else macro
-    answers = {"macro": macro, "micro": micro, "dualfocus": result.answer}
+    answers = {"macro": macro or "", "micro": micro or "", "dualfocus": result.answer or ""}
     if item.options:
         answers = {k: option_letter(v, item.options) or v for k, v in answers.items()}
     return answers
@@ -157,15 +157,15 @@ def arbitration_answers(
 ) -> dict[str, str]:
     """The answer each arbitration method of the engine gives on the pass's own candidates.
 
-    Nothing is generated again: where the vote did not run (no box, the candidates agree, or only one
-    is a valid option) every method keeps the pass's answer; where it ran, the pass's method keeps its
-    verdict and each other method scores the same two candidates (`DualFocus.arbitrate`) in the same
-    contexts (the crop is cut again from the stored crop box).
+    Nothing is generated again: where no perplexity vote ran (no box, the candidates agree, only one
+    is a valid option, or the backend does not score) every method keeps the pass's answer; where it
+    ran, the pass's method keeps its verdict and each other method scores the same two candidates
+    (`DualFocus.arbitrate`) in the same contexts (the crop is cut again from the stored crop box).
 
     Returns:
         ``{"arbitration.official": ..., "arbitration.own_context": ..., "arbitration.average": ...}``.
     """
-    if result.scores is None or result.crop_box is None or result.box_text is None:
+    if result.arbitration is None or result.crop_box is None or result.box_text is None:
         return {f"arbitration.{m}": _as_answer(result.answer, item) for m in ARBITRATION_METHODS}
     macro, micro = result.macro_answer or "", result.micro_answer or ""
     if item.options:
@@ -188,7 +188,8 @@ def arbitration_answers(
     return out
 
 
-def _as_answer(answer: str, item: EvalItem) -> str:
+def _as_answer(answer: str | None, item: EvalItem) -> str:
+    answer = answer or ""  # None: no option letter, which the judge counts wrong
     return (option_letter(answer, item.options) or answer) if item.options else answer
 
 
