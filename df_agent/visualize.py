@@ -8,6 +8,8 @@ why no vote ran when none did, the result's warnings and the image's path.
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import textwrap
 from typing import TYPE_CHECKING
@@ -55,14 +57,13 @@ def figure(
         A matplotlib figure of `FIGURE_INCHES` at `FIGURE_DPI` (1200 x 750 pixels when saved);
         it is not registered with pyplot, so save it (`fig.savefig(path)`) or display it.
     """
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
     if not isinstance(image, Image.Image):
         source = source or str(image)
     picture = load_image(image)
-    fig = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
+    fig = _shown_as_png()(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
     grid = fig.add_gridspec(
         3, 2, height_ratios=[3.2, 0.3, 1.5], hspace=0.1, wspace=0.08, left=0.04, right=0.96
     )
@@ -109,6 +110,20 @@ def figure(
         0, 1, "\n".join(_caption(result, source)), va="top", ha="left", fontsize=10.5, family="monospace"
     )
     return fig
+
+
+@functools.cache
+def _shown_as_png() -> type[Figure]:
+    """A matplotlib `Figure` that notebooks display as a PNG (one not made by pyplot shows no picture)."""
+    from matplotlib.figure import Figure
+
+    class ShownFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png")
+            return buffer.getvalue()
+
+    return ShownFigure
 
 
 def box_label(box: Box) -> str:

@@ -90,6 +90,22 @@ def setup_source(tmp_path_factory: pytest.TempPathFactory) -> str | None:
     )
 
 
+def stderr_of(notebook: nbformat.NotebookNode) -> list[str]:
+    """Every stderr stream the cells wrote (warnings, text progress bars)."""
+    return [
+        o.get("text", "")
+        for cell in notebook.cells
+        for o in cell.get("outputs", [])
+        if o.get("output_type") == "stream" and o.get("name") == "stderr"
+    ]
+
+
+def assert_quiet(notebook: nbformat.NotebookNode) -> None:
+    """No warnings, and progress only as widgets (one per loop), never as lines of text bars."""
+    err = "".join(stderr_of(notebook))
+    assert "Warning" not in err and "it/s" not in err and "|" not in err, err[:2000]
+
+
 def execute(name: str, setup_source: str | None) -> nbformat.NotebookNode:
     from nbclient import NotebookClient
 
@@ -111,11 +127,11 @@ def execute(name: str, setup_source: str | None) -> nbformat.NotebookNode:
 @pytest.mark.slow
 def test_quickstart_runs_and_shows_the_annotated_image(setup_source: str | None) -> None:
     notebook = execute("quickstart", setup_source)
+    assert_quiet(notebook)
     cells = notebook.cells
-    annotated = next(
-        i for i, c in enumerate(cells) if c.cell_type == "code" and "annotate(image, result)" in c.source
-    )
-    assert "image/png" in outputs(notebook, annotated)[0]["data"]
+    explained = next(i for i, c in enumerate(cells) if c.cell_type == "code" and "result.plot(" in c.source)
+    assert "image/png" in outputs(notebook, explained)[0]["data"]  # the figure that explains the zoom
+    assert "warning: df-agent/focusshapes-small is a demonstration model" in text_of(notebook)
     text = text_of(notebook)
     assert "What number is on the red circle? -> " in text
     assert "macro (whole image): " in text and "scores: " in text
@@ -136,7 +152,10 @@ def test_agent_notebook_runs_the_scripted_planner(setup_source: str | None) -> N
 @pytest.mark.slow
 def test_evaluate_notebook_runs_a_small_focusshapes_evaluation(setup_source: str | None) -> None:
     notebook = execute("evaluate", setup_source)
+    assert_quiet(notebook)
     assert "image/png" in mime_types(notebook)  # the plot
+    widgets = [m for m in mime_types(notebook) if "widget" in m]
+    assert widgets, "the evaluation's progress shows as one widget bar"
     text = text_of(notebook)
     assert "category" in text and "oracle" in text and "detail" in text
     assert "mean IoU on detail questions" in text

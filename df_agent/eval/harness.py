@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in notebooks (one bar, no text lines), text in a terminal
 
 from df_agent.boxes import crop
 from df_agent.engine import ARBITRATION_METHODS, DualFocus, option_letter
