@@ -137,7 +137,7 @@ def test_using_a_crop_keeps_its_root_and_a_dropped_root_takes_its_crops() -> Non
     for i in (40, 50):  # now the root is the oldest; it goes, and its crop with it
         registry.resolve(to_data_uri(picture((i, 0, 0))))
     assert root.id not in registry and crop.id not in registry
-    with pytest.raises(ImageReferenceError, match="was evicted.*a crop goes with its root"):
+    with pytest.raises(ImageReferenceError, match=r"was evicted.*a crop goes with its root"):
         registry.get(crop.id)
 
 

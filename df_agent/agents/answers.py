@@ -72,7 +72,7 @@ class Framed(ToolAnswer):
         if self.root_id == self.image_id:
             return ""
         w, h = self.root_size
-        return f", = {_box_list(box)} in pixels of the root image {self.root_id!r} ({w}x{h})"
+        return f", that is {_box_list(box)} in pixels of the root image {self.root_id!r} ({w}x{h})"
 
 
 class GlobalAnswer(ToolAnswer):
