@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/df-agent ask $(EXAMPLE) "$(QUESTION)" --json
+	$(VENV)/bin/df-agent ask $(EXAMPLE) "$(QUESTION)" --json --annotate $(VENV)/demo-figure.png
 
 lint: install
 	$(VENV)/bin/ruff check .

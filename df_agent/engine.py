@@ -208,7 +208,9 @@ class DualFocus:
         """An engine over a transformers checkpoint (fast path on): the shipped model when no path is given.
 
         Args:
-            path_or_id: A local folder or a hub id (the hub needs network access).
+            path_or_id: A local folder or a hub id (the hub needs network access). None: the
+                shipped demonstration model, trained only on synthetic FocusShapes scenes (its
+                answers about other images mean nothing; `FocusResult.warnings` says so).
             device: "cpu", "cuda", "cuda:1"...; default cuda when present, else cpu.
             dtype: "float32", "bfloat16", "float16"; default bfloat16 on cuda, float32 on cpu.
             **engine_kwargs: Passed to `DualFocus` (margin, min_side, arbitration, ...).

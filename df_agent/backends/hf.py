@@ -96,7 +96,7 @@ class PlainHFBackend(Backend):
     ) -> HFBackend:
         """Load a checkpoint folder or hub id with `AutoModelForImageTextToText` and `AutoProcessor`.
 
-        Without `path_or_id`, the shipped model. `model_id` names the model in results and memory
+        Without `path_or_id`, the shipped demonstration model (FocusShapes scenes only). `model_id` names the model in results and memory
         keys; default the path or hub id (`SHIPPED_MODEL_ID` for the shipped model).
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
