@@ -2,7 +2,8 @@
 
 A model writes a box as text in its own convention (fractions, 0..1000, pixels of its resized input,
 ...). `parse_box` turns that text into a `Box` in pixels of the *original* image, or a `NoBox` that
-says why it could not; `format_box` is its inverse. `zoom_box` turns a box into the crop region the
+says why it could not (`parse_boxes`: every box of a text that writes several); `format_box` is its
+inverse. `zoom_box` turns a box into the crop region the
 DualFocus protocol looks at (`dualfocus.md`, "Inference", step 3), and `crop` cuts it out.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 
 from PIL import Image
@@ -201,8 +203,11 @@ def _first_four_numbers(text: str, convention: BoxConvention) -> list[float]:
     match = (convention is BoxConvention.GEMINI_1000 and _BOX_2D.search(text)) or (
         _BBOX_2D.search(text) or _BOX_TOKENS.search(text)
     )
-    if match:
-        text = match.group(1)
+    return _four_numbers(match.group(1) if match else text)
+
+
+def _four_numbers(text: str) -> list[float]:
+    """The first four numbers of `text` (fewer if it has fewer)."""
     numbers = []
     for m in _NUMBER.finditer(text):
         numbers.append(float(m.group()))
@@ -242,7 +247,7 @@ def parse_box(
     first of those instead, so labels such as "person 1" do not count. With
     `BoxConvention.GEMINI_1000` a ``box_2d`` list comes first and is read as ``ymin, xmin, ymax,
     xmax``. Digits glued to letters ("x1", "Qwen2") are not numbers. A box partly outside the image
-    is clipped to it.
+    is clipped to it. `parse_boxes` reads every box of a text that writes several.
 
     Args:
         text: The model's answer. Anything is accepted; this function never raises for it.
@@ -264,7 +269,17 @@ def parse_box(
     w, h = _check_size(image_size, "image_size")
     if not isinstance(text, str):
         return NoBox(reason=f"model output is not text (got {type(text).__name__})")
-    values = _first_four_numbers(text, convention)
+    return _read_values(_first_four_numbers(text, convention), convention, (w, h), input_size)
+
+
+def _read_values(
+    values: list[float],
+    convention: BoxConvention,
+    image_size: tuple[int, int],
+    input_size: tuple[int, int] | None,
+) -> Box | NoBox:
+    """The box that four numbers written in `convention` make, or why they make none."""
+    w, h = image_size
     if not values:
         return NoBox(reason="no numbers in the model output")
     if len(values) < 4:
@@ -294,6 +309,130 @@ def parse_box(
         where = "outside the image" if "outside" in fitted.reason else "smaller than one pixel in the image"
         return NoBox(reason=f"box lies {where} ({w}x{h}): {values}")
     return fitted
+
+
+# Several boxes: each JSON key's value (a list, or a list of lists), each pair of Qwen box tokens, or
+# else each innermost ``[...]`` group with a number in it, where two or more groups hold four numbers
+# (a group may be cut off by the token budget).
+_KEYS = {
+    "bbox_2d": re.compile(r"""["']?bbox_2d["']?\s*:\s*"""),
+    "box_2d": re.compile(r"""(?<![A-Za-z_])["']?box_2d["']?\s*:\s*"""),
+}
+_GROUP = re.compile(r"\[([^\[\]]*)(?:\]|$)")
+
+
+def _list_at(text: str, start: int) -> str:
+    """The bracketed list that opens at ``text[start]``, up to its closing bracket or the text's end."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"[": 1, "]": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start : i + 1]
+    return text[start:]
+
+
+def _key_spans(text: str, key: str) -> list[str | None]:
+    """The text of each box written as ``key: [...]``, in order; None where a key's value is no list."""
+    spans: list[str | None] = []
+    for match in _KEYS[key].finditer(text):
+        if not text.startswith("[", match.end()):
+            spans.append(None)
+            continue
+        value = _list_at(text, match.end())
+        inner = [g.group(1) for g in _GROUP.finditer(value[1:])] if "[" in value[1:] else []
+        spans.extend(inner or [value])  # a list of lists: one box per inner list
+    return spans
+
+
+def _box_spans(text: str, convention: BoxConvention) -> list[str | None]:
+    """The text of each box the model wrote, in order, by the first way of writing boxes found."""
+    keys = ("box_2d", "bbox_2d") if convention is BoxConvention.GEMINI_1000 else ("bbox_2d",)
+    for key in keys:
+        if spans := _key_spans(text, key):
+            return spans
+    if spans := [m.group(1) for m in _BOX_TOKENS.finditer(text)]:
+        return spans  # type: ignore[return-value]
+    groups = [g.group(1) for g in _GROUP.finditer(text) if _NUMBER.search(g.group(1))]
+    whole = sum(len(_four_numbers(group)) == 4 for group in groups)
+    return groups if whole >= 2 else []  # one whole group or none: the text's first four numbers
+
+
+def read_boxes(
+    text: str,
+    convention: BoxConvention,
+    image_size: tuple[int, int],
+    input_size: tuple[int, int] | None = None,
+) -> list[Box | NoBox]:
+    """Read every box a model's text writes, each as `parse_box` reads one, in the order written.
+
+    The boxes are the values of JSON ``bbox_2d`` keys (Qwen2.5-VL, Qwen3-VL; with
+    `BoxConvention.GEMINI_1000` ``box_2d`` keys first), a value that is a list of lists giving one
+    box per inner list; else each pair of Qwen box tokens; else, where at least two ``[...]``
+    groups hold four numbers, each group holding a number (fractions: ``[x1,y1,x2,y2]
+    [x1,y1,x2,y2]``). A text with one such box or none reads exactly as `parse_box` reads it. A
+    box equal to an earlier one is a `NoBox` that says so.
+
+    Args:
+        text, convention, image_size, input_size: As for `parse_box`.
+
+    Returns:
+        One `Box` or `NoBox` per box written (at least one entry).
+
+    Raises:
+        ValueError: If `image_size` or `input_size` is not two positive integers.
+    """
+    convention = BoxConvention(convention)
+    size = _check_size(image_size, "image_size")
+    spans = _box_spans(text, convention) if isinstance(text, str) else []
+    if len(spans) < 2:
+        return [parse_box(text, convention, size, input_size)]
+    readings: list[Box | NoBox] = []
+    for span in spans:
+        if span is None:
+            reading: Box | NoBox = NoBox(reason="the box's value is not a list of numbers")
+        else:
+            reading = _read_values(_four_numbers(span), convention, size, input_size)
+        if isinstance(reading, Box) and reading in readings:
+            reading = NoBox(reason=f"the same box as box {readings.index(reading) + 1}")
+        readings.append(reading)
+    return readings
+
+
+def readable_boxes(readings: Sequence[Box | NoBox]) -> list[Box] | NoBox:
+    """The boxes among `read_boxes`'s readings, or a `NoBox` that says why each one is unreadable."""
+    boxes = [r for r in readings if isinstance(r, Box)]
+    if boxes:
+        return boxes
+    if len(readings) == 1:
+        return readings[0]
+    if not readings:
+        return NoBox(reason="no box in the model output")
+    reasons = "; ".join(f"box {i}: {r.reason}" for i, r in enumerate(readings, 1))
+    return NoBox(reason=f"none of the {len(readings)} boxes in the model output is readable ({reasons})")
+
+
+def parse_boxes(
+    text: str,
+    convention: BoxConvention,
+    image_size: tuple[int, int],
+    input_size: tuple[int, int] | None = None,
+) -> list[Box] | NoBox:
+    """Every readable box of a model's text, in original-image pixels, in the order written.
+
+    Boxes that cannot be read (too few numbers, out of range, degenerate, outside the image, a
+    repeat) are left out; `read_boxes` says why for each. Where the model writes one box this is
+    ``[parse_box(...)]``.
+
+    Args:
+        text, convention, image_size, input_size: As for `parse_box`.
+
+    Returns:
+        At least one box, or a `NoBox` when none is readable (its reason names each box's fault).
+
+    Raises:
+        ValueError: If `image_size` or `input_size` is not two positive integers.
+    """
+    return readable_boxes(read_boxes(text, convention, image_size, input_size))
 
 
 def format_box(
@@ -429,5 +568,8 @@ __all__ = [
     "fit_box",
     "format_box",
     "parse_box",
+    "parse_boxes",
+    "read_boxes",
+    "readable_boxes",
     "zoom_box",
 ]

@@ -18,6 +18,9 @@ from df_agent.boxes import (
     fit_box,
     format_box,
     parse_box,
+    parse_boxes,
+    read_boxes,
+    readable_boxes,
     zoom_box,
 )
 
@@ -321,3 +324,192 @@ def test_garbage_text_gives_a_box_of_at_least_a_pixel_or_a_reason(text, conventi
         assert result.x1 >= 0 and result.x2 <= SIZE[0] and result.y1 >= 0 and result.y2 <= SIZE[1]
         z = zoom_box(result, SIZE)
         assert crop(Image.new("RGB", SIZE), z).size == (z.width, z.height)
+
+
+# --- several boxes in one reply (parse_boxes, read_boxes) ------------------------------------------
+
+MANY = [
+    # (text, convention, input_size, expected boxes in original pixels of the 640x480 image)
+    (
+        '```json\n[\n  {"bbox_2d": [100, 200, 300, 400], "label": "cat 1"},\n'
+        '  {"bbox_2d": [500, 500, 750, 1000], "label": "cat 2"}\n]\n```',
+        C.JSON_1000, None, [(64, 96, 192, 192), (320, 240, 480, 480)],
+    ),
+    (
+        '[{"bbox_2d": [10, 20, 110, 220], "label": "sign"}, '
+        '{"label": "car 3", "bbox_2d": [160, 120, 320, 240]}]',
+        C.PIXELS, (320, 240), [(20, 40, 220, 440), (320, 240, 640, 480)],
+    ),
+    (
+        '[{"box_2d": [200, 100, 400, 300], "label": "a"}, {"box_2d": [500, 500, 1000, 750], "label": "b 2"}]',
+        C.GEMINI_1000, None, [(64, 96, 192, 192), (320, 240, 480, 480)],
+    ),
+    (
+        "<|object_ref_start|>dog 1<|object_ref_end|><|box_start|>(100,200),(300,400)<|box_end|>"
+        "<|object_ref_start|>dog 2<|object_ref_end|><|box_start|>(500,500),(750,1000)<|box_end|>",
+        C.QWEN_1000, None, [(64, 96, 192, 192), (320, 240, 480, 480)],
+    ),
+    ("<box>(0,0),(500,500)</box> and <box>(500,500),(1000,1000)</box>", C.QWEN_1000, None,
+     [(0, 0, 320, 240), (320, 240, 640, 480)]),
+    ("[0.10,0.20,0.30,0.40] [0.50,0.50,0.75,1.00]", C.FRACTION, None,
+     [(64, 96, 192, 192), (320, 240, 480, 480)]),
+    ("Regions: [0.100, 0.200, 0.500, 0.600], [0.000, 0.125, 1.000, 0.875]", C.SQUARE_FRACTION, None,
+     [(64, 48, 320, 304), (0, 0, 640, 480)]),
+    # nested: one key whose value is a list of boxes, or a bare list of lists
+    ('{"bbox_2d": [[100, 200, 300, 400], [500, 500, 750, 1000]]}', C.JSON_1000, None,
+     [(64, 96, 192, 192), (320, 240, 480, 480)]),
+    ("[[0.10,0.20,0.30,0.40],[0.50,0.50,0.75,1.00]]", C.FRACTION, None,
+     [(64, 96, 192, 192), (320, 240, 480, 480)]),
+    ("[[100, 200, 300, 400], [500, 500, 750, 1000], [0, 0, 1000, 1000]]", C.JSON_1000, None,
+     [(64, 96, 192, 192), (320, 240, 480, 480), (0, 0, 640, 480)]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "convention", "input_size", "expected"), MANY)
+def test_parse_boxes_reads_every_box(text, convention, input_size, expected):
+    boxes = parse_boxes(text, convention, SIZE, input_size)
+    assert isinstance(boxes, list), boxes
+    assert [b.as_tuple() for b in boxes] == [pytest.approx(e) for e in expected]
+    assert boxes[0] == parse_box(text, convention, SIZE, input_size)  # parse_box: the first box
+
+
+MANY_GARBAGE = [
+    # (text, convention, boxes kept, the dropped boxes' reasons, in order)
+    (  # truncated JSON: the last box cut off by the token budget
+        '[{"bbox_2d": [100, 200, 300, 400], "label": "a"}, {"bbox_2d": [500, 50',
+        C.JSON_1000, [(64, 96, 192, 192)], ["fewer than four numbers"],
+    ),
+    (  # cut off right after the key
+        '[{"bbox_2d": [100, 200, 300, 400]}, {"bbox_2d": ', C.JSON_1000, [(64, 96, 192, 192)], ["not a list"],
+    ),
+    (  # mixed: valid, out of range, inverted, less than a unit, valid
+        '[{"bbox_2d": [100, 200, 300, 400]}, {"bbox_2d": [100, 200, 3000, 400]}, '
+        '{"bbox_2d": [300, 400, 100, 200]}, {"bbox_2d": [0.2, 0.2, 0.9, 0.9]}, '
+        '{"bbox_2d": [0, 0, 500, 500]}]',
+        C.JSON_1000, [(64, 96, 192, 192), (0, 0, 320, 240)],
+        ["out of the json_1000 range", "inverted", "0-1 fractions"],
+    ),
+    (  # a box outside the image (pixels of a 320x240 input) and a null box
+        '[{"bbox_2d": null}, {"bbox_2d": [400, 300, 500, 400]}, {"bbox_2d": [0, 0, 160, 120]}]',
+        C.PIXELS, [(0, 0, 320, 240)], ["not a list", "outside the image"],
+    ),
+    (  # duplicates are read once
+        "<|box_start|>(100,200),(300,400)<|box_end|><|box_start|>(100,200),(300,400)<|box_end|>"
+        "<|box_start|>(0,0),(500,500)<|box_end|>",
+        C.QWEN_1000, [(64, 96, 192, 192), (0, 0, 320, 240)], ["the same box as box 1"],
+    ),
+    ("[0.1,0.1,0.3,0.3] [0.1,0.1,0.3,0.3]", C.FRACTION, [(64, 48, 192, 144)], ["the same box as box 1"]),
+    (  # Gemini: box_2d lists, never a bbox_2d in the same text
+        '[{"bbox_2d": [0, 0, 10, 10]}, {"box_2d": [200, 100, 400, 300]}, {"box_2d": [nan, 0, 10, 10]}]',
+        C.GEMINI_1000, [(64, 96, 192, 192)], ["NaN"],
+    ),
+    (  # fraction groups: a cut-off last group
+        "[0.10,0.20,0.30,0.40] [0.50,0.50,0.75,1.00] [0.3", C.FRACTION,
+        [(64, 96, 192, 192), (320, 240, 480, 480)], ["fewer than four numbers"],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "convention", "kept", "reasons"), MANY_GARBAGE)
+def test_parse_boxes_drops_unreadable_boxes_and_says_why(text, convention, kept, reasons):
+    input_size = (320, 240) if convention is C.PIXELS else None
+    readings = read_boxes(text, convention, SIZE, input_size)
+    boxes = parse_boxes(text, convention, SIZE, input_size)
+    assert [b.as_tuple() for b in boxes] == [pytest.approx(k) for k in kept]
+    assert [r for r in readings if isinstance(r, Box)] == boxes
+    dropped = [r.reason for r in readings if isinstance(r, NoBox)]
+    assert len(dropped) == len(reasons)
+    for reason, words in zip(dropped, reasons, strict=True):
+        assert words in reason
+
+
+@pytest.mark.parametrize(
+    ("text", "convention"),
+    [
+        ('[{"bbox_2d": [1, 2, 3]}, {"bbox_2d": [300, 400, 100, 200]}]', C.JSON_1000),
+        ("<|box_start|>(100,200),(2000,400)<|box_end|><|box_start|>(1,1),(1,1)<|box_end|>", C.QWEN_1000),
+        ('[{"box_2d": [100, 250, 500]}, {"box_2d": []}]', C.GEMINI_1000),
+    ],
+)
+def test_parse_boxes_with_no_readable_box_names_each_fault(text, convention):
+    result = parse_boxes(text, convention, SIZE)
+    assert isinstance(result, NoBox)
+    assert (
+        "none of the 2 boxes" in result.reason and "box 1: " in result.reason and "box 2: " in result.reason
+    )
+
+
+@pytest.mark.parametrize(("text", "convention", "image_size", "input_size", "expected"), GOOD)
+def test_one_box_reads_as_parse_box_reads_it(text, convention, image_size, input_size, expected):
+    assert parse_boxes(text, convention, image_size, input_size) == [
+        parse_box(text, convention, image_size, input_size)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "convention", "input_size", "reason"),
+    [g for g in GARBAGE if len(g[0]) < 1000],  # the long ones are the single-box tests' business
+)
+def test_one_unreadable_box_gives_parse_box_reason(text, convention, input_size, reason):
+    assert parse_boxes(text, convention, SIZE, input_size) == parse_box(text, convention, SIZE, input_size)
+
+
+def test_fraction_fragments_read_as_the_first_four_numbers():
+    # one whole [..] group or none: not several boxes, so the text reads as parse_box reads it
+    for text in ("[0.1,0.2] [0.3,0.4]", "[0.1,0.2,0.3,0.4] [0.5]", "[0.1, 0.2, 0.5, 0.6] (conf [0.9])"):
+        assert parse_boxes(text, C.FRACTION, SIZE) == [parse_box(text, C.FRACTION, SIZE)]
+
+
+def test_readable_boxes_of_no_readings():
+    assert isinstance(readable_boxes([]), NoBox)
+
+
+def _written_together(texts: list[str], convention: BoxConvention) -> str:
+    """Several boxes written as a model of `convention` writes them in one reply."""
+    if convention in (C.PIXELS, C.JSON_1000, C.GEMINI_1000):  # one JSON list of objects
+        return "[" + ", ".join(t.removeprefix("[").removesuffix("]") for t in texts) + "]"
+    return ("" if convention is C.QWEN_1000 else "\n").join(texts)
+
+
+@pytest.mark.parametrize("convention", list(C))
+@given(data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_several_boxes_round_trip(convention, data):
+    w, h = data.draw(st.integers(64, 2000)), data.draw(st.integers(64, 2000))
+    input_size = (
+        (data.draw(st.integers(56, 1400)), data.draw(st.integers(56, 1400)))
+        if convention is C.PIXELS
+        else None
+    )
+    if convention is C.PIXELS:
+        tol_x, tol_y = 0.5 * w / input_size[0], 0.5 * h / input_size[1]
+    else:
+        side = max(w, h) if convention is C.SQUARE_FRACTION else None
+        tol_x, tol_y = _QUANTUM[convention] * (side or w), _QUANTUM[convention] * (side or h)
+    boxes = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        fx1, fy1 = data.draw(st.floats(0, 0.8)), data.draw(st.floats(0, 0.8))
+        fx2, fy2 = data.draw(st.floats(fx1 + 0.15, 1)), data.draw(st.floats(fy1 + 0.15, 1))
+        boxes.append(Box(x1=fx1 * w, y1=fy1 * h, x2=fx2 * w, y2=fy2 * h))
+    texts = [format_box(b, convention, (w, h), input_size) for b in boxes]
+    assume(len(set(texts)) == len(texts))  # no two written the same
+    text = _written_together(texts, convention)
+    parsed = parse_boxes(text, convention, (w, h), input_size)
+    assert isinstance(parsed, list) and len(parsed) == len(boxes), (text, parsed)
+    for got, want in zip(parsed, boxes, strict=True):
+        for a, b, tol in zip(got.as_tuple(), want.as_tuple(), (tol_x, tol_y, tol_x, tol_y), strict=True):
+            assert abs(a - b) <= tol + 1e-6
+
+
+@given(text=st.text(max_size=200), convention=st.sampled_from(list(C)))
+@settings(max_examples=200, deadline=None)
+def test_read_boxes_never_raises_and_every_box_is_inside_and_new(text, convention):
+    readings = read_boxes(text, convention, SIZE, (320, 240))
+    assert readings
+    if len(readings) == 1:
+        assert readings[0] == parse_box(text, convention, SIZE, (320, 240))
+    boxes = [r for r in readings if isinstance(r, Box)]
+    assert len(set(boxes)) == len(boxes)
+    for box in boxes:
+        assert 0 <= box.x1 < box.x2 <= SIZE[0] and 0 <= box.y1 < box.y2 <= SIZE[1]
+    assert all(r.reason for r in readings if isinstance(r, NoBox))
