@@ -77,26 +77,37 @@ def _resolve_hub_id(repo_id: str) -> str:
                 f"forbids downloading it; {hint.split(', or set')[0]}"
             )
         return cached
-    error = _unreachable(constants.ENDPOINT)
+    error = _unreachable(constants.ENDPOINT, repo_id)
     if error is None:
         return repo_id
     if cached is not None:
         return cached
     raise CheckpointNotFoundError(
-        f"{repo_id!r} is not a local folder, and the Hugging Face hub ({constants.ENDPOINT}) cannot be "
-        f"reached to download it ({error}); {hint}"
+        f"{repo_id!r} is not a local folder, and the Hugging Face hub ({constants.ENDPOINT}) cannot give it "
+        f"({error}); {hint}"
     )
 
 
-def _unreachable(endpoint: str) -> str | None:
-    """None when `endpoint` answers at all within the timeout, else why not (one request, no retry)."""
+def _unreachable(endpoint: str, repo_id: str) -> str | None:
+    """None when the hub answers for `repo_id` (or asks for a login), else why not: one request, no retry."""
     import httpx
 
+    url = f"{endpoint.rstrip('/')}/api/models/{repo_id}"
     try:
-        httpx.head(endpoint, timeout=httpx.Timeout(CONNECT_TIMEOUT_S * 2, connect=CONNECT_TIMEOUT_S))
+        status = httpx.get(
+            url, timeout=httpx.Timeout(CONNECT_TIMEOUT_S * 2, connect=CONNECT_TIMEOUT_S)
+        ).status_code
     except httpx.HTTPError as err:
-        return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-    return None
+        return (
+            f"no connection: {type(err).__name__}: {err}"
+            if str(err)
+            else f"no connection: {type(err).__name__}"
+        )
+    if status == 404:
+        return f"no model of that name there: {url} answered 404"
+    if status >= 500:
+        return f"{url} answered {status}"
+    return None  # 200, or 401/403 for a gated or private model: transformers says what to do
 
 
 def _cached_snapshot(repo_id: str) -> str | None:

@@ -96,19 +96,20 @@ class PlainHFBackend(Backend):
     ) -> HFBackend:
         """Load a checkpoint folder or hub id with `AutoModelForImageTextToText` and `AutoProcessor`.
 
-        Without `path_or_id`, the shipped demonstration model (FocusShapes scenes only). `model_id` names the model in results and memory
-        keys; default the path or hub id (`SHIPPED_MODEL_ID` for the shipped model).
+        Without `path_or_id`, the shipped demonstration model (FocusShapes scenes only). `model_id`
+        names the model in results and memory keys; default the path or hub id (`SHIPPED_MODEL_ID`
+        for the shipped model). The source is checked first (`resolve_checkpoint`): fails fast.
         """
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         if path_or_id is None:
             path_or_id, model_id = shipped_model_path(), model_id or SHIPPED_MODEL_ID
+        model_id, source = model_id or str(path_or_id), resolve_checkpoint(path_or_id)  # fails fast
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
         device = device or default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        model_id, source = model_id or str(path_or_id), resolve_checkpoint(path_or_id)  # fails fast
         try:
             processor = AutoProcessor.from_pretrained(source)
             with quiet_loading():  # the weight-loading bar only when loading takes a while
