@@ -72,7 +72,8 @@ def test_one_chat_model_plans_and_sees() -> None:
     messages = state["messages"]
     tool_message = next(m for m in messages if isinstance(m, ToolMessage))
     assert tool_message.status == "success" and tool_message.artifact.answer == "7"
-    assert tool_message.artifact.crop_box is not None  # the zoom ran on the model's box
+    assert tool_message.artifact.result.crop_box is not None  # the zoom ran on the model's box
+    assert tool_message.artifact.crop_box_root == tool_message.artifact.result.crop_box  # a whole image
     assert messages[-1].content == "7"
     assert sorted(llm.seen) == [1, 1, 2]  # macro and locate see the image, micro the image and the crop
 
