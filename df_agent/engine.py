@@ -29,6 +29,7 @@ from df_agent.backends.base import (
     ScoringUnavailableError,
 )
 from df_agent.boxes import Box, NoBox, crop, parse_box, zoom_box
+from df_agent.frames import Frame
 from df_agent.images import image_hash, load_image
 from df_agent.observers import StepObserver
 from df_agent.prompt_sets import OPTION_LETTERS, PromptSet, load_prompts
@@ -39,15 +40,17 @@ from df_agent.results import (
     Location,
     Mode,
     Path,
+    TileSearch,
     UnscoredVote,
     Vote,
     Zoom,
 )
+from df_agent.search import SEARCH_OVERLAP, SEARCH_TILE_SIDE, find_tile
 
 ImageInput = str | FilePath | bytes | Image.Image
 ARBITRATION_METHODS: tuple[ArbitrationMethod, ...] = ("official", "own_context", "average")
 UNSCORED_VOTES: tuple[UnscoredVote, ...] = ("micro_policy", "judge")
-MODES: tuple[Mode, ...] = ("dualfocus", "macro", "micro", "auto")
+MODES: tuple[Mode, ...] = ("dualfocus", "macro", "micro", "auto", "search")
 LOCATE_MAX_NEW_TOKENS = 64
 JUDGE_MAX_NEW_TOKENS = 8
 # mode="auto" skips the zoom when the macro answer's own mean NLL is at most this: calibrated for the
@@ -111,6 +114,7 @@ class _Run:
     trace: dict[str, Any] = field(default_factory=dict)
     macro: Generation | None = None
     micro: Generation | None = None
+    model_calls: int = 0
 
 
 # The attempt `ask` is running in this context (steps record their seconds into it).
@@ -152,6 +156,10 @@ class DualFocus:
             calls of a block with `observing`.
         max_question_chars: The longest question (with its options' texts) accepted.
         max_option_chars: The longest option accepted.
+        search_tile_side: With ``mode="search"``, the side of the tiles a large image is split into:
+            the scale the model reads well (default 320 px, the shipped model's training canvases).
+            An image whose longer side is at most 1.5 tile sides is not tiled.
+        search_overlap: Pixels neighbouring tiles share at least: the largest object expected.
     """
 
     def __init__(
@@ -170,6 +178,8 @@ class DualFocus:
         observers: Sequence[StepObserver] = (),
         max_question_chars: int = MAX_QUESTION_CHARS,
         max_option_chars: int = MAX_OPTION_CHARS,
+        search_tile_side: int = SEARCH_TILE_SIDE,
+        search_overlap: int = SEARCH_OVERLAP,
     ) -> None:
         if arbitration not in ARBITRATION_METHODS:
             raise ValueError(f"arbitration must be one of {ARBITRATION_METHODS}, not {arbitration!r}")
@@ -179,6 +189,8 @@ class DualFocus:
             raise ValueError("margin and min_side must be >= 0 and max_new_tokens >= 1")
         if max_question_chars < 1 or max_option_chars < 1:
             raise ValueError("max_question_chars and max_option_chars must be >= 1")
+        if search_tile_side < 1 or not 0 <= search_overlap < search_tile_side:
+            raise ValueError("search_tile_side must be >= 1 and search_overlap in 0..search_tile_side-1")
         self.backend = backend
         self.prompts = prompts or load_prompts(backend.prompt_family)
         self.margin = margin
@@ -192,6 +204,8 @@ class DualFocus:
         self.observers = list(observers)
         self.max_question_chars = max_question_chars
         self.max_option_chars = max_option_chars
+        self.search_tile_side = search_tile_side
+        self.search_overlap = search_overlap
         self._observing: ContextVar[tuple[StepObserver, ...]] = ContextVar(
             f"df_agent_observers_{id(self)}", default=()
         )
@@ -344,7 +358,7 @@ class DualFocus:
             return math.inf
         with self._step("confidence", {"answer": answer, "source": "score"}) as outputs:
             conversation = self.macro_conversation(load_image(image), question, options)
-            outputs["macro_nll"] = nll = self.backend.score(conversation, [answer])[0]
+            outputs["macro_nll"] = nll = self._score(conversation, [answer])[0]
             return nll
 
     def zoom(self, image: ImageInput, box: Box) -> Zoom:
@@ -354,6 +368,22 @@ class DualFocus:
             region = zoom_box(box, picture.size, margin=self.margin, min_side=self.min_side)
             outputs["crop_box"] = region.model_dump()
             return Zoom(box=region, crop=crop(picture, region))
+
+    def search(self, image: ImageInput, question: str) -> TileSearch:
+        """Search mode's first step: the tile of a large image where the object the question names is.
+
+        See `df_agent.search.find_tile`; the result's `tile` is None (and `reason` says why) when the
+        image is small enough, the question names no object or the backend cannot rank tiles.
+        """
+        picture = load_image(image)
+        with self._step("search", {"question": question}) as outputs:
+            found = find_tile(
+                self.backend, self.prompts, picture, question,
+                tile_side=self.search_tile_side, overlap=self.search_overlap,
+            )  # fmt: skip
+            _count(found.model_calls)
+            outputs.update(found.model_dump())
+            return found
 
     def micro(
         self,
@@ -404,20 +434,20 @@ class DualFocus:
         with self._step("arbitrate", {"candidates": list(candidates), "vote": method}) as outputs:
             scoring = self.score_conversation(picture, crop_image, question, box_text)
             if method == "official":
-                scores = self.backend.score(scoring, candidates)
+                scores = self._score(scoring, candidates)
             elif method == "own_context":
                 if len(candidates) != 2:
                     raise ValueError("own_context arbitration takes exactly two candidates: [macro, micro]")
                 macro_context = self.macro_conversation(picture, question, options)
                 micro_context = self.micro_conversation(picture, crop_image, question, box_text, options)
                 scores = [
-                    self.backend.score(macro_context, [candidates[0]])[0],
-                    self.backend.score(micro_context, [candidates[1]])[0],
+                    self._score(macro_context, [candidates[0]])[0],
+                    self._score(micro_context, [candidates[1]])[0],
                 ]
             else:
                 macro_context = self.macro_conversation(picture, question, options)
-                in_macro = self.backend.score(macro_context, candidates)
-                in_micro = self.backend.score(scoring, candidates)
+                in_macro = self._score(macro_context, candidates)
+                in_micro = self._score(scoring, candidates)
                 scores = [(a + b) / 2 for a, b in zip(in_macro, in_micro, strict=True)]
             winner = min(range(len(scores)), key=scores.__getitem__)
             outputs.update(scores=scores, winner=winner)
@@ -461,9 +491,11 @@ class DualFocus:
             question: The question, without options.
             options: Multiple-choice options; the answer is then an option letter or None.
             mode: "dualfocus" (macro, zoom, micro, vote), "macro" (whole image only),
-                "micro" (zoomed answer only; falls back to macro when no box is found) or
+                "micro" (zoomed answer only; falls back to macro when no box is found),
                 "auto" (dualfocus, unless the macro answer is confident: its own mean NLL at most
-                `auto_threshold`; without any confidence from the backend, dualfocus).
+                `auto_threshold`; without any confidence from the backend, dualfocus) or
+                "search" (for large images: dualfocus on the tile where the model is surest the
+                object the question names is, boxes in the image's pixels; see `search`).
             arbitration: The perplexity vote's method for this call; default the engine's.
             use_memory: With a memory attached, answer an exact repeat from it (``cached=True``,
                 timings of the lookup only) and log every new answer; False skips both.
@@ -487,9 +519,8 @@ class DualFocus:
             )
             if remembered is not None:
                 seconds = time.perf_counter() - start
-                return remembered.model_copy(
-                    update={"cached": True, "timings": {"lookup": seconds, "total": seconds}}
-                )
+                timings = {"lookup": seconds, "total": seconds}
+                return remembered.model_copy(update={"cached": True, "model_calls": 0, "timings": timings})
         start = time.perf_counter()
         run = self._answer(picture, question, options, mode, method)
         run.timings["total"] = time.perf_counter() - start
@@ -500,6 +531,7 @@ class DualFocus:
             image_size=picture.size,
             model_id=self.backend.model_id,
             mode=mode,
+            model_calls=run.model_calls,
             timings=run.timings,
             warnings=self.backend.input_warnings(picture, question),
             **run.trace,
@@ -554,6 +586,16 @@ class DualFocus:
     ) -> tuple[str | None, Path | None]:
         """The steps of `ask` in order; fills `run`, returns (answer, path)."""
         trace = run.trace
+        if mode == "search":
+            found = trace["search"] = self.search(picture, question)
+            mode = "dualfocus"
+            if found.tile is not None:  # DualFocus on the tile; its boxes back in the image's pixels
+                answer = self._protocol(run, crop(picture, found.tile), question, options, mode, method)
+                frame = Frame.of_region(found.tile)
+                for name in ("box", "crop_box"):
+                    if trace.get(name) is not None:
+                        trace[name] = frame.to_root(trace[name])
+                return answer
         # the macro answer and the box request go to the backend together; in mode="auto" only where a
         # session makes the box nearly free (the zoom may be skipped)
         together = self.session and (
@@ -770,9 +812,15 @@ class DualFocus:
 
     def _generate(self, requests: list[Request]) -> list[Generation]:
         """The backend's replies: together in one `generate_many`, or one by one on the plain path."""
+        _count(len(requests))
         if self.session:
             return self.backend.generate_many(requests)
         return [self.backend.generate_many([request])[0] for request in requests]
+
+    def _score(self, conversation: Conversation, candidates: Sequence[str]) -> list[float]:
+        """The backend's scores of the candidates (one request)."""
+        _count(1)
+        return self.backend.score(conversation, candidates)
 
     @contextmanager
     def _step(self, name: str, inputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -799,6 +847,13 @@ class DualFocus:
         if run is not None:
             run.timings[name] = run.timings.get(name, 0.0) + seconds
         return seconds
+
+
+def _count(requests: int) -> None:
+    """Add backend requests to the running question's `model_calls`."""
+    run = _RUN.get()
+    if run is not None:
+        run.model_calls += requests
 
 
 def option_letter(answer: str, options: Sequence[str]) -> str | None:

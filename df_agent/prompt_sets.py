@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 STEPS = ("macro", "locate", "micro", "score", "choices")
 # Optional templates: a family without the file uses the "dualfocus" family's.
-OPTIONAL_STEPS = ("judge",)
+OPTIONAL_STEPS = ("judge", "presence")
 OPTION_LETTERS = string.ascii_uppercase
 
 
@@ -25,6 +25,7 @@ class PromptSet(BaseModel, frozen=True):
     score: str
     choices: str
     judge: str
+    presence: str
 
     def with_options(self, question: str, options: Sequence[str] | None) -> str:
         """The question followed by lettered options and the letter hint, or the bare question."""

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from df_agent.boxes import Box
 
-Mode = Literal["dualfocus", "macro", "micro", "auto"]
+Mode = Literal["dualfocus", "macro", "micro", "auto", "search"]
 Path = Literal["macro", "micro"]
 ArbitrationMethod = Literal["official", "own_context", "average"]
 # The vote that decided between the macro and the micro answer (see `DualFocus`): a perplexity vote
@@ -56,6 +56,28 @@ class Arbitration(BaseModel):
         return self.candidates[self.winner]
 
 
+class TileSearch(BaseModel):
+    """mode="search": the tiles a large image was split into, how each was ranked, and the tile chosen."""
+
+    presence_question: str | None = Field(
+        default=None, description='The existence question asked of every tile ("Is there a red circle?").'
+    )
+    tiles: list[Box] = Field(
+        default_factory=list, description="The tiles in root-image pixels, row by row; [] when not tiled."
+    )
+    scores: list[float] | None = Field(
+        default=None, description="Each tile's presence score, same order; higher: the object more likely."
+    )
+    ranked_by: Literal["prompt_logprobs", "generation_logprobs"] | None = Field(
+        default=None, description="What scores are: log-odds of yes over no (scored) or generated yes/no."
+    )
+    tile: Box | None = Field(
+        default=None, description="The chosen tile (root pixels) DualFocus ran on; None: the whole image."
+    )
+    model_calls: int = Field(default=0, description="Backend requests the ranking took.")
+    reason: str = Field(description="What the search did and why (tiled and ranked, or why not).")
+
+
 class FocusResult(BaseModel):
     """The answer to one question and its full trace."""
 
@@ -95,6 +117,11 @@ class FocusResult(BaseModel):
     )
     auto_reason: str | None = Field(
         default=None, description='mode="auto": where the confidence came from, or why there was none.'
+    )
+    search: TileSearch | None = Field(default=None, description='mode="search": the tiles, the one chosen.')
+    model_calls: int = Field(
+        default=0,
+        description="Backend requests this answer took: each generation and each scoring call counts one.",
     )
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds spent in each step.")
     cached: bool = Field(default=False, description="True when answered from memory, not the model.")
@@ -146,6 +173,7 @@ __all__ = [
     "Location",
     "Mode",
     "Path",
+    "TileSearch",
     "UnscoredVote",
     "Vote",
     "Zoom",

@@ -167,6 +167,14 @@ class Backend:
         """
         raise ScoringUnavailableError(f"{type(self).__name__} cannot score candidates")
 
+    def score_many(self, items: Sequence[tuple[Conversation, Sequence[str]]]) -> list[list[float]]:
+        """`score` for several independent (conversation, candidates) items: one list of scores per item.
+
+        A backend may score every item in one batched request (rows of different images). Default:
+        one `score` per item.
+        """
+        return [self.score(conversation, candidates) for conversation, candidates in items]
+
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """The (width, height) the model's image processor resizes `image` to (default: unchanged)."""
         return image.size

@@ -226,14 +226,43 @@ class PlainHFBackend(Backend):
             raise ValueError("candidates must be non-empty strings")
         with self._lock, torch.inference_mode():
             batch, spans = self.encode_reply(conversation, candidates, end_of_turn=False)
-            logits = self.model(**batch).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = batch["input_ids"][:, 1:]
-        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        # token t of a row is predicted at position t - 1
-        return [
-            -token_logprobs[row, start - 1 : end - 1].mean().item() for row, (start, end) in enumerate(spans)
-        ]
+            return _reply_nlls(self.model(**batch).logits, batch["input_ids"], spans)
+
+    def score_many(self, items: Sequence[tuple[Conversation, Sequence[str]]]) -> list[list[float]]:
+        """`score` for several items (rows of different images) in ONE batched forward pass.
+
+        Each item's prompt boundary comes from a processor call that sees its images, and must be
+        a prefix of each of its rows (else `PromptMismatchError`), as in `encode_reply`.
+        """
+        for _, candidates in items:
+            if any(not isinstance(c, str) or not c.strip() for c in candidates):
+                raise ValueError("candidates must be non-empty strings")
+        items = [(conversation, list(candidates)) for conversation, candidates in items]
+        rows = [(i, c) for i, (_, candidates) in enumerate(items) for c in candidates]
+        if not rows:
+            return [[] for _ in items]
+        with self._lock, torch.inference_mode():
+            prompts = self.encode(
+                [self.render(conversation, add_generation_prompt=True) for conversation, _ in items],
+                [image for conversation, _ in items for image in conversation.images],
+            )
+            fulls = [self.render(items[i][0].assistant(c), continue_final=True) for i, c in rows]
+            batch = self.encode(fulls, [image for i, _ in rows for image in items[i][0].images])
+            spans = []
+            for row, (i, reply) in enumerate(rows):
+                n = int(prompts["attention_mask"][i].sum())
+                ids, length = batch["input_ids"][row], int(batch["attention_mask"][row].sum())
+                if length <= n or not torch.equal(ids[:n], prompts["input_ids"][i, :n]):
+                    raise PromptMismatchError(
+                        f"the chat template's prompt is not a prefix of prompt + reply for reply {reply!r}; "
+                        "the reply cannot be scored separately"
+                    )
+                spans.append((n, length))
+            scores = _reply_nlls(self.model(**batch).logits, batch["input_ids"], spans)
+        out: list[list[float]] = [[] for _ in items]
+        for (i, _), score in zip(rows, scores, strict=True):
+            out[i].append(score)
+        return out
 
     @property
     def context_length(self) -> int | None:
@@ -272,6 +301,13 @@ class HFBackend(FastPath, PlainHFBackend):
         model, processor, model_id, box_convention, prompt_family: As for `PlainHFBackend`.
         fast: False turns the fast path off (``abilities.session`` is then False).
     """
+
+
+def _reply_nlls(logits: torch.Tensor, ids: torch.Tensor, spans: Sequence[tuple[int, int]]) -> list[float]:
+    """Each row's mean NLL over its tokens start..end-1 (token t is predicted at position t - 1)."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logprobs = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return [-token_logprobs[row, start - 1 : end - 1].mean().item() for row, (start, end) in enumerate(spans)]
 
 
 def encode_for_training(backend: PlainHFBackend, conversation: Conversation, reply: str) -> dict:

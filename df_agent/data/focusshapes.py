@@ -9,6 +9,10 @@ pixels tall and cannot be read; in a DualFocus crop of the object they can. So:
 - ``global`` questions ("What color is the star?", "How many objects are there?")
   and ``exist`` questions ("Is there a green square?") do not.
 
+The ``"hr"`` preset (FocusShapes-HR, `PRESETS`) draws objects of the usual sizes on
+1280 px canvases: from the 64 px view an object is a few pixels wide, so one zoom
+from the whole image cannot read its digit (``mode="search"`` is for that).
+
 Everything is a pure function of a seed: the same seed gives the same pixels and
 the same questions, on any machine.
 """
@@ -39,6 +43,11 @@ COLORS = {
 # Digit ink per fill colour, chosen for contrast.
 _INK = {"red": 255, "green": 255, "blue": 255, "yellow": 0, "purple": 255, "orange": 0}
 COUNT_QUESTION = "How many objects are there?"
+# Named render options: "hr" is FocusShapes-HR (large canvases, objects and digits of the usual sizes).
+PRESETS: dict[str, dict] = {
+    "default": {"size": 320, "n_objects": (3, 6), "object_size": (44, 64), "font_size": 20},
+    "hr": {"size": 1280, "n_objects": (4, 8), "object_size": (44, 64), "font_size": 20},
+}
 
 
 @dataclass(frozen=True)
@@ -278,11 +287,23 @@ def iter_scenes(seed: int, n_scenes: int, **render_options) -> Iterator[Scene]:
         yield render_scene(scene_id, scene_id=scene_id, **render_options)
 
 
-def generate(seed: int, n_scenes: int, **render_options) -> tuple[list[Scene], list[FocusRecord]]:
+def generate(
+    seed: int, n_scenes: int, *, preset: str | None = None, **render_options
+) -> tuple[list[Scene], list[FocusRecord]]:
     """Scenes and their records in memory (three questions per scene), for evaluation.
 
     Exist questions alternate yes/no scene by scene, so they are balanced exactly (up to one).
+
+    Args:
+        seed: The set's seed.
+        n_scenes: How many scenes.
+        preset: A name in `PRESETS` ("hr": FocusShapes-HR); `render_options` override its values.
+        **render_options: Passed to `render_scene`.
     """
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown FocusShapes preset {preset!r}; presets: {', '.join(PRESETS)}")
+        render_options = {**PRESETS[preset], **render_options}
     scenes, records = [], []
     for i, scene in enumerate(iter_scenes(seed, n_scenes, **render_options)):
         rng = random.Random(f"focusshapes-questions:{scene.id}")
@@ -306,6 +327,7 @@ def write_dataset(out_dir: str | Path, seed: int, n_scenes: int, **render_option
 __all__ = [
     "COLORS",
     "COUNT_QUESTION",
+    "PRESETS",
     "SHAPES",
     "Scene",
     "ShapeObject",
