@@ -161,11 +161,11 @@ def test_zoom_region_returns_each_region_with_its_own_crop_id() -> None:
     assert tb.engine.backend.generated[-1][1].turns[1].text == "[0.60,0.60,0.90,0.90]"
 
 
-def test_one_box_from_the_engine_is_one_region_as_before() -> None:
-    tb = toolbox(ScriptedBackend(box=TWO_BOXES))  # the engine reads the first box only
+def test_one_box_is_one_region_as_before() -> None:
+    tb = toolbox(ScriptedBackend(box=BOX))
     region = tb.zoom_region(ZoomInput(image="scene", question="Q?"))
-    assert len(region.regions) == 1 and region.regions[0].box_text == TWO_BOXES
-    assert "Region for the question" in region.summary()
+    assert len(region.regions) == 1 and region.regions[0].box_text == BOX  # the model's reply, verbatim
+    assert region.crop_box == FIRST and "Region for the question" in region.summary()
 
 
 # -- the deeper zoom -----------------------------------------------------------------------------------
