@@ -21,6 +21,7 @@ from PIL import Image
 from df_agent.backends._images import png_base64
 from df_agent.backends.base import Abilities, Backend, Conversation, Generation, Request
 from df_agent.backends.presets import preset_for
+from df_agent.backends.text_safety import REMOTE_GUARD
 from df_agent.boxes import BoxConvention
 
 try:
@@ -117,8 +118,8 @@ class ChatModelBackend(Backend):
         """The conversation as LangChain messages with standard image and text content blocks."""
         messages: list[BaseMessage] = []
         for turn in conversation.turns:
-            if turn.role == "assistant":
-                messages.append(AIMessage(content=turn.text))
+            if turn.role == "assistant":  # texts guarded: see df_agent.backends.text_safety
+                messages.append(AIMessage(content=REMOTE_GUARD.literal(turn.text)))
                 continue
             content: list[dict] = [
                 {
@@ -128,7 +129,7 @@ class ChatModelBackend(Backend):
                 }
                 for i in turn.images
             ]
-            content.append({"type": "text", "text": turn.text})
+            content.append({"type": "text", "text": REMOTE_GUARD.plain(turn.text)})
             messages.append(HumanMessage(content=content))  # type: ignore[arg-type]
         return messages
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from df_agent.backends import caveats
 from df_agent.backends.base import Abilities, Backend, Conversation, Generation, PromptMismatchError, Request
 from df_agent.backends.checkpoints import quiet_loading, resolve_checkpoint
 from df_agent.backends.hf_fast.backend import FastPath
+from df_agent.backends.text_safety import TextGuard
 from df_agent.boxes import BoxConvention
 
 # model_type -> (box convention, prompt family); see docs/protocol.md.
@@ -122,6 +124,11 @@ class PlainHFBackend(Backend):
     def tokenizer(self):
         return self.processor.tokenizer
 
+    @cached_property
+    def text_guard(self) -> TextGuard:
+        """What keeps text from becoming the template's control tokens (`df_agent.backends.text_safety`)."""
+        return TextGuard.for_processor(self.processor)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -131,9 +138,12 @@ class PlainHFBackend(Backend):
     def render(
         self, conversation: Conversation, *, add_generation_prompt: bool = False, continue_final: bool = False
     ) -> str:
-        """The conversation as the chat template writes it (text with image placeholders)."""
+        """The conversation as the chat template writes it (text with image placeholders).
+
+        User text is guarded (`text_guard`): it never renders as a control token or role marker.
+        """
         return self.processor.apply_chat_template(
-            conversation.to_messages(),
+            self.text_guard.messages(conversation),
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final,
@@ -224,6 +234,7 @@ class PlainHFBackend(Backend):
             return []
         if any(not isinstance(c, str) or not c.strip() for c in candidates):
             raise ValueError("candidates must be non-empty strings")
+        candidates = [self.text_guard.plain(c) for c in candidates]  # may be user text
         with self._lock, torch.inference_mode():
             batch, spans = self.encode_reply(conversation, candidates, end_of_turn=False)
             return _reply_nlls(self.model(**batch).logits, batch["input_ids"], spans)
@@ -237,7 +248,8 @@ class PlainHFBackend(Backend):
         for _, candidates in items:
             if any(not isinstance(c, str) or not c.strip() for c in candidates):
                 raise ValueError("candidates must be non-empty strings")
-        items = [(conversation, list(candidates)) for conversation, candidates in items]
+        # candidates may be user text: guarded as in `score`
+        items = [(conversation, [self.text_guard.plain(c) for c in cands]) for conversation, cands in items]
         rows = [(i, c) for i, (_, candidates) in enumerate(items) for c in candidates]
         if not rows:
             return [[] for _ in items]

@@ -46,6 +46,7 @@ from df_agent.backends.base import (
     ScoringUnavailableError,
 )
 from df_agent.backends.presets import Capabilities, preset_for
+from df_agent.backends.text_safety import REMOTE_GUARD
 from df_agent.boxes import BoxConvention
 
 try:
@@ -373,17 +374,18 @@ class OpenAIBackend(Backend):
         """The conversation as OpenAI chat messages.
 
         Each user turn is its images (base64 PNG data URLs, in order) then its text; an
-        assistant turn is its text.
+        assistant turn is its text. Texts are guarded (`REMOTE_GUARD`): the server's template
+        never reads user text as its control tokens or role markers.
         """
         messages: list[dict] = []
         for turn in conversation.turns:
             if turn.role == "assistant":
-                messages.append({"role": "assistant", "content": turn.text})
+                messages.append({"role": "assistant", "content": REMOTE_GUARD.literal(turn.text)})
                 continue
             content = [
                 {"type": "image_url", "image_url": {"url": png_data_uri(image)}} for image in turn.images
             ]
-            content.append({"type": "text", "text": turn.text})
+            content.append({"type": "text", "text": REMOTE_GUARD.plain(turn.text)})
             messages.append({"role": "user", "content": content})
         return messages
 
@@ -449,6 +451,7 @@ class OpenAIBackend(Backend):
                 "scoring needs vLLM's OpenAI-compatible server (or one with the same extension)"
             )
         messages = self.messages(conversation)
+        candidates = [REMOTE_GUARD.plain(c) for c in candidates]  # may be user text
         with ThreadPoolExecutor(max_workers=len(candidates) + 1) as pool:
             prompt = pool.submit(self._tokens, {"messages": messages, "add_generation_prompt": True})
             answers = [pool.submit(self._prompt_logprobs, messages, c) for c in candidates]

@@ -546,6 +546,7 @@ class FastPath:
             return []
         if any(not isinstance(c, str) or not c.strip() for c in candidates):
             raise ValueError("candidates must be non-empty strings")
+        candidates = [self.text_guard.plain(c) for c in candidates]  # as the plain path: may be user text
         try:
             with torch.inference_mode():
                 return self._score(session, conversation, candidates)
