@@ -133,7 +133,7 @@ class EveryBox(DualFocus):
             parse_box(group, BoxConvention.FRACTION, size)
             for group in re.findall(r"\[[^\]]*\]", location.box_text)
         ]
-        return Located(**location.model_dump(), boxes=[b for b in boxes if isinstance(b, Box)])
+        return Located(**{**location.model_dump(), "boxes": [b for b in boxes if isinstance(b, Box)]})
 
 
 TWO_BOXES = "[0.1,0.1,0.3,0.3] [0.6,0.6,0.9,0.9]"
