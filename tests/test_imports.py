@@ -25,6 +25,7 @@ SOURCES = {"df_agent": ROOT / "df_agent", "df_agent.tools": ROOT / "tools"}
 CORE = (
     "df_agent.engine", "df_agent.results", "df_agent.boxes", "df_agent.images", "df_agent.prompt_sets",
     "df_agent.observers", "df_agent.calibration", "df_agent.visualize", "df_agent.backends",
+    "df_agent.frames", "df_agent.search",
 )  # fmt: skip
 ABOVE_THE_CORE = ("df_agent.memory", "df_agent.agents", "df_agent.eval", "df_agent.train", "df_agent.tools")
 # third-party packages only some modules may import: the package's top-level names -> who may
