@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from df_agent.results import FocusResult
 
 # The engine's modes and votes, spelled out here so that `--help` does not import torch.
-MODES = ("dualfocus", "macro", "micro", "auto")
+MODES = ("dualfocus", "macro", "micro", "auto", "search")
 ARBITRATIONS = ("official", "own_context", "average")
 MAX_OPTIONS = 26  # option letters A..Z
 ENGINE_MAX_PIXELS = 40_000_000  # df_agent.images.DEFAULT_MAX_PIXELS, without importing PIL here

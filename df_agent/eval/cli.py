@@ -1,4 +1,4 @@
-"""Evaluate a model on POPE, TextVQA, V* Bench, FocusShapes or a JSONL file: macro-only and DualFocus.
+"""Evaluate a model on POPE, TextVQA, V* Bench, FocusShapes(-HR) or a JSONL file: macro-only and DualFocus.
 
 ``df-agent eval BENCHMARK [options]`` asks every question once with DualFocus, writes one result row
 per question to a JSONL file as it goes (``--resume`` continues it), then the report (``--json``) and
@@ -71,6 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     focus.add_argument("--seed", type=int, default=DEFAULT_FOCUSSHAPES_SEED, help="scene seed")
     focus.add_argument("--n", type=int, default=300, help="number of scenes (3 questions each)")
 
+    focus_hr = sub.add_parser(
+        "focusshapes-hr",
+        help="FocusShapes-HR: 1280 px scenes, objects of the usual sizes; DualFocus and search mode",
+    )
+    focus_hr.add_argument("--seed", type=int, default=DEFAULT_FOCUSSHAPES_SEED, help="scene seed")
+    focus_hr.add_argument("--n", type=int, default=300, help="number of scenes (3 questions each)")
+    focus_hr.add_argument("--tile-side", type=int, help="search mode's tile side in pixels (default 320)")
+    focus_hr.add_argument("--overlap", type=int, help="search mode's tile overlap in pixels (default 80)")
+
     pope = sub.add_parser("pope", help="POPE question files (coco_pope_{random,popular,adversarial}.json)")
     pope.add_argument("--questions", nargs="+", required=True, help="question files, one per split")
     pope.add_argument("--images", required=True, help="the folder the image names are relative to")
@@ -88,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jsonl = sub.add_parser("jsonl", help="any JSONL of {image, question, answer}")
     jsonl.add_argument("--questions", required=True, help="the JSONL file (images relative to it)")
 
-    for command in (focus, pope, textvqa, vstar, jsonl):
+    for command in (focus, focus_hr, pope, textvqa, vstar, jsonl):
         _common(command)
 
 
@@ -98,6 +107,10 @@ def build_benchmark(args: argparse.Namespace) -> Benchmark:
         from df_agent.eval import focusshapes
 
         return focusshapes.benchmark(args.seed, args.n)
+    if args.benchmark == "focusshapes-hr":
+        from df_agent.eval import focusshapes
+
+        return focusshapes.benchmark_hr(args.seed, args.n)
     if args.benchmark == "pope":
         from df_agent.eval import pope
 
@@ -122,6 +135,10 @@ def build_engine(args: argparse.Namespace) -> DualFocus:
     from df_agent.engine import DualFocus
 
     options = {"margin": args.margin, "min_side": args.min_side, "max_new_tokens": args.max_new_tokens}
+    options |= {
+        "search_tile_side": getattr(args, "tile_side", None),
+        "search_overlap": getattr(args, "overlap", None),
+    }
     kwargs = {"arbitration": args.arbitration, **{k: v for k, v in options.items() if v is not None}}
     if not args.server:
         return DualFocus.from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
@@ -174,6 +191,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("box_parse_failure_rate", "mean_iou_detail", "seconds_per_question"):
         if name in report:
             print(f"{name}: {report[name]:.4f}")
+    if report["all"].get("mode"):  # further passes: their model calls per question, by category
+        for group in [*report["categories"], "all"]:
+            calls = " ".join(f"{k} {v:.2f}" for k, v in report[group]["model_calls_per_question"].items())
+            print(f"model_calls_per_question {group:<8} {calls}")
     if "lookalikes" in report:
         print(f"lookalikes: {json.dumps(report['lookalikes'])}")
     files = report["files"]

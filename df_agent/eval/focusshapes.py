@@ -9,6 +9,11 @@ path, the accuracy of every arbitration method of the engine on the same generat
 the top level ``box_parse_failure_rate`` and ``mean_iou_detail`` (IoU of the predicted box with the
 asked-about object on detail questions; an unreadable box counts 0), and ``lookalikes``: which object
 the errors mistook for the one asked about (see `lookalikes`).
+
+FocusShapes-HR (`benchmark_hr`, ``df-agent eval focusshapes-hr``) is the same on the ``"hr"`` preset's
+1280 px canvases, and asks each question a second time with ``mode="search"``: the report adds the
+search pass's accuracy (``"mode": {"search": ...}``) and every pass's mean model calls per question
+(``model_calls_per_question``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from df_agent.boxes import Box
-from df_agent.data.focusshapes import Scene, generate
+from df_agent.data.focusshapes import PRESETS, Scene, generate
 from df_agent.data.format import FocusRecord
 from df_agent.eval.harness import Benchmark, ResultRow
 from df_agent.eval.items import EvalItem, exact_match, normalize_answer
@@ -149,4 +154,21 @@ def benchmark(seed: int, n: int, **render_options: Any) -> Benchmark:
     )
 
 
-__all__ = ["QUESTION_TYPES", "benchmark", "items", "lookalikes"]
+def benchmark_hr(seed: int, n: int) -> Benchmark:
+    """FocusShapes-HR: `n` scenes of the "hr" preset from `seed`, each question also asked in search mode.
+
+    Macro-only, micro-only and DualFocus come from the DualFocus pass, as for FocusShapes; search mode
+    is a second pass per question (`Benchmark.modes`).
+    """
+    scenes, records = _generate(seed, n, preset="hr")
+    return Benchmark(
+        name="focusshapes-hr",
+        items=_items(scenes, records),
+        judge=exact_match,
+        summarize=partial(_summary, scenes=scenes),
+        settings={"seed": seed, "scenes": n, "preset": "hr", **PRESETS["hr"]},
+        modes=("search",),
+    )
+
+
+__all__ = ["QUESTION_TYPES", "benchmark", "benchmark_hr", "items", "lookalikes"]

@@ -30,20 +30,22 @@ from df_agent.engine import ARBITRATION_METHODS, DualFocus, option_letter
 from df_agent.eval.items import EvalItem
 from df_agent.images import load_image
 from df_agent.prompt_sets import OPTION_LETTERS
-from df_agent.results import FocusResult
+from df_agent.results import FocusResult, Mode
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PATHS = ("macro", "micro", "dualfocus")
 # Summary entries that hold counts, not the accuracies of further systems.
-_COUNTS = frozenset({"picked", "votes", "vote_changes"})
+_COUNTS = frozenset({"picked", "votes", "vote_changes", "model_calls_per_question"})
 # (report key, legend label, colour) of the bars of the plot.
 PLOTTED = (
     ("macro", "macro-only", "#8c96a5"),
     ("micro", "micro-only", "#e0a040"),
     ("dualfocus", "DualFocus", "#2a6fdb"),
 )
+# Colours of the further passes' bars (`Benchmark.modes`), in order.
+_PASS_COLOURS = ("#3a9d5d", "#a05ad0", "#d05a5a")
 # Keys of the report that are not categories.
 RESERVED = frozenset({"benchmark", "model", "arbitration", "settings", "n", "categories", "all", "files"})
 
@@ -70,6 +72,9 @@ class Benchmark:
             re-voting on the stored candidates (as ``"arbitration.<method>"``).
         summarize: Extra top-level report entries computed from the rows.
         settings: What the report should record about how the questions were built.
+        modes: Further engine passes per question, one ``engine.ask(mode=...)`` each (for example
+            ``("search",)``); each pass's answer is the system ``"mode.<mode>"`` and its result is
+            kept in the row's `passes`.
     """
 
     name: str
@@ -79,6 +84,7 @@ class Benchmark:
     compare_arbitration: bool = False
     summarize: Summarizer | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    modes: tuple[Mode, ...] = ()
 
 
 class ResultRow(BaseModel):
@@ -97,6 +103,9 @@ class ResultRow(BaseModel):
     macro_seconds: float = Field(description="Seconds of its macro step: the cost of macro-only.")
     extra_seconds: float = Field(default=0.0, description="Seconds of the extra systems' scoring.")
     result: FocusResult
+    passes: dict[str, FocusResult] = Field(
+        default_factory=dict, description="The further passes' results by mode (`Benchmark.modes`)."
+    )
 
 
 def evaluate_item(engine: DualFocus, benchmark: Benchmark, item: EvalItem) -> ResultRow:
@@ -114,6 +123,11 @@ def evaluate_item(engine: DualFocus, benchmark: Benchmark, item: EvalItem) -> Re
             predictions |= arbitration_answers(engine, image, item, result)
         if benchmark.extra is not None:
             predictions |= benchmark.extra(engine, image, item, result)
+        passes = {
+            mode: engine.ask(image, item.question, options=item.options, mode=mode, use_memory=False)
+            for mode in benchmark.modes
+        }
+        predictions |= {f"mode.{mode}": _as_answer(passed.answer, item) for mode, passed in passes.items()}
         extra_seconds = time.perf_counter() - start
     except (OSError, ValueError) as err:  # bad data: a missing or broken image, a malformed question
         raise EvalItemError(f"question {item.id!r}: {err}") from err
@@ -139,6 +153,7 @@ def evaluate_item(engine: DualFocus, benchmark: Benchmark, item: EvalItem) -> Re
         macro_seconds=result.timings.get("macro", 0.0),
         extra_seconds=extra_seconds,
         result=result,
+        passes=passes,
     )
 
 
@@ -315,7 +330,9 @@ def summarize(rows: Sequence[ResultRow]) -> dict[str, Any]:
     ``vote_changes`` (questions DualFocus got right that macro-only got wrong, and the reverse; with
     fractional scores, better and worse); ``box_parse_failure_rate`` (of the questions whose box
     request ran); ``mean_iou`` (when targets are known; an unreadable box counts 0);
-    ``seconds_per_question`` (the DualFocus pass) and ``macro_seconds_per_question``.
+    ``seconds_per_question`` (the DualFocus pass) and ``macro_seconds_per_question``;
+    ``model_calls_per_question``: the mean backend requests of macro-only (one generation), of the
+    DualFocus pass and of each further pass (`Benchmark.modes`).
     """
     n = len(rows)
     if n == 0:
@@ -348,6 +365,11 @@ def summarize(rows: Sequence[ResultRow]) -> dict[str, Any]:
         summary["mean_iou"] = _mean(ious)
     summary["seconds_per_question"] = _mean(row.seconds for row in rows)
     summary["macro_seconds_per_question"] = _mean(row.macro_seconds for row in rows)
+    summary["model_calls_per_question"] = {
+        "macro": 1.0,
+        "dualfocus": _mean(row.result.model_calls for row in rows),
+        **{mode: _mean(row.passes[mode].model_calls for row in rows) for mode in rows[0].passes},
+    }
     return summary
 
 
@@ -407,10 +429,13 @@ def figure(report_data: dict[str, Any]) -> Figure:
     groups = [*report_data["categories"], "all"]
     fig = Figure(figsize=(max(6.0, 1.9 * len(groups) + 2), 4.2), dpi=110, layout="constrained")
     axes = fig.subplots()
-    bars = [*PLOTTED, ("oracle", "best-of-two oracle", "none")]
+    modes = report_data["all"].get("mode", {})
+    passes = [(f"mode.{m}", f"{m} mode", c) for m, c in zip(modes, _PASS_COLOURS, strict=False)]
+    bars = [*PLOTTED, *passes, ("oracle", "best-of-two oracle", "none")]
     width = 0.84 / len(bars)
     for k, (key, label, colour) in enumerate(bars):
-        values = [report_data[g].get(key, 0.0) for g in groups]
+        group, _, name = key.rpartition(".")
+        values = [(report_data[g].get(group, {}) if group else report_data[g]).get(name, 0.0) for g in groups]
         xs = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(groups))]
         style = {"edgecolor": "#222222", "linestyle": ":", "linewidth": 1.2} if key == "oracle" else {}
         drawn = axes.bar(xs, values, width * 0.92, label=label, color=colour, **style)
