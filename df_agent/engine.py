@@ -28,7 +28,7 @@ from df_agent.backends.base import (
     Request,
     ScoringUnavailableError,
 )
-from df_agent.boxes import Box, NoBox, crop, parse_box, zoom_box
+from df_agent.boxes import Box, NoBox, crop, read_boxes, readable_boxes, zoom_box
 from df_agent.frames import Frame
 from df_agent.images import image_hash, load_image
 from df_agent.observers import StepObserver
@@ -36,6 +36,7 @@ from df_agent.prompt_sets import OPTION_LETTERS, PromptSet, load_prompts
 from df_agent.results import (
     Arbitration,
     ArbitrationMethod,
+    FocusRegion,
     FocusResult,
     Location,
     Mode,
@@ -48,6 +49,8 @@ from df_agent.results import (
 from df_agent.search import SEARCH_OVERLAP, SEARCH_TILE_SIDE, find_tile
 
 ImageInput = str | FilePath | bytes | Image.Image
+# What the micro step shows after the full image: the crop, or one crop per region in order.
+Crops = Image.Image | Sequence[Image.Image]
 ARBITRATION_METHODS: tuple[ArbitrationMethod, ...] = ("official", "own_context", "average")
 UNSCORED_VOTES: tuple[UnscoredVote, ...] = ("micro_policy", "judge")
 MODES: tuple[Mode, ...] = ("dualfocus", "macro", "micro", "auto", "search")
@@ -156,6 +159,10 @@ class DualFocus:
             calls of a block with `observing`.
         max_question_chars: The longest question (with its options' texts) accepted.
         max_option_chars: The longest option accepted.
+        max_regions: How many of the regions the model names the micro step shows, as [full image,
+            crop 1, ..., crop k] (default 1: the first, as the protocol does), at most the backend's
+            `abilities.max_images` less one. Above 1 the box request and the micro turn use the
+            family's several-region templates (``locate_many``, ``micro_many``, ``score_many``).
         search_tile_side: With ``mode="search"``, the side of the tiles a large image is split into:
             the scale the model reads well (default 320 px, the shipped model's training canvases).
             An image whose longer side is at most 1.5 tile sides is not tiled.
@@ -178,6 +185,7 @@ class DualFocus:
         observers: Sequence[StepObserver] = (),
         max_question_chars: int = MAX_QUESTION_CHARS,
         max_option_chars: int = MAX_OPTION_CHARS,
+        max_regions: int = 1,
         search_tile_side: int = SEARCH_TILE_SIDE,
         search_overlap: int = SEARCH_OVERLAP,
     ) -> None:
@@ -189,6 +197,8 @@ class DualFocus:
             raise ValueError("margin and min_side must be >= 0 and max_new_tokens >= 1")
         if max_question_chars < 1 or max_option_chars < 1:
             raise ValueError("max_question_chars and max_option_chars must be >= 1")
+        if max_regions < 1:
+            raise ValueError(f"max_regions must be >= 1, got {max_regions}")
         if search_tile_side < 1 or not 0 <= search_overlap < search_tile_side:
             raise ValueError("search_tile_side must be >= 1 and search_overlap in 0..search_tile_side-1")
         self.backend = backend
@@ -204,6 +214,7 @@ class DualFocus:
         self.observers = list(observers)
         self.max_question_chars = max_question_chars
         self.max_option_chars = max_option_chars
+        self.max_regions = max_regions
         self.search_tile_side = search_tile_side
         self.search_overlap = search_overlap
         self._observing: ContextVar[tuple[StepObserver, ...]] = ContextVar(
@@ -296,6 +307,12 @@ class DualFocus:
                 limit="max_option_chars",
             )
 
+    @property
+    def region_limit(self) -> int:
+        """How many regions the micro step shows: `max_regions`, at most the backend's images less one."""
+        most = self.backend.abilities.max_images
+        return self.max_regions if most is None else max(1, min(self.max_regions, most - 1))
+
     # -- conversations -------------------------------------------------------------------------
 
     def macro_conversation(
@@ -306,36 +323,44 @@ class DualFocus:
         return Conversation().user(text, [image])
 
     def locate_conversation(self, image: Image.Image, question: str) -> Conversation:
-        """The box request: the image and the bare question."""
-        return Conversation().user(self.prompts.locate.format(question=question), [image])
+        """The box request: the image and the bare question (asking for every region if several are shown)."""
+        template = self.prompts.locate_many if self.region_limit > 1 else self.prompts.locate
+        return Conversation().user(template.format(question=question), [image])
 
     def micro_conversation(
         self,
         image: Image.Image,
-        crop_image: Image.Image,
+        crop_image: Crops,
         question: str,
         box_text: str,
         options: Sequence[str] | None = None,
         *,
         template: str | None = None,
     ) -> Conversation:
-        """Box request, the model's box text, then [crop] and the combine-question: images full, crop."""
-        turn2 = (template or self.prompts.micro).format(question=self.prompts.with_options(question, options))
-        return self.locate_conversation(image, question).assistant(box_text).user(turn2, [crop_image])
+        """Box request, the model's box text, then the crop and the combine-question: images full, crop.
+
+        With several crops (one per region, in order) the images are [full, crop 1, ..., crop k] and
+        the turn is worded with the family's ``micro_many`` template.
+        """
+        crops = _crops(crop_image)
+        default = self.prompts.micro_many if len(crops) > 1 else self.prompts.micro
+        turn2 = (template or default).format(question=self.prompts.with_options(question, options))
+        return self.locate_conversation(image, question).assistant(box_text).user(turn2, crops)
 
     def score_conversation(
-        self, image: Image.Image, crop_image: Image.Image, question: str, box_text: str
+        self, image: Image.Image, crop_image: Crops, question: str, box_text: str
     ) -> Conversation:
         """The official vote's context: the micro conversation worded with the short-answer hint."""
-        return self.micro_conversation(image, crop_image, question, box_text, template=self.prompts.score)
+        template = self.prompts.score_many if len(_crops(crop_image)) > 1 else self.prompts.score
+        return self.micro_conversation(image, crop_image, question, box_text, template=template)
 
     def judge_conversation(
-        self, image: Image.Image, crop_image: Image.Image, question: str, candidates: Sequence[str]
+        self, image: Image.Image, crop_image: Crops, question: str, candidates: Sequence[str]
     ) -> Conversation:
         """The judge turn: [full image, crop], the question and both answers as options A and B."""
         first, second = candidates
         text = self.prompts.judge.format(question=question, first=first, second=second)
-        return Conversation().user(text, [image, crop_image])
+        return Conversation().user(text, [image, *_crops(crop_image)])
 
     # -- the steps -----------------------------------------------------------------------------
 
@@ -388,19 +413,19 @@ class DualFocus:
     def micro(
         self,
         image: ImageInput,
-        crop_image: Image.Image,
+        crop_image: Crops,
         question: str,
         *,
         box_text: str,
         options: Sequence[str] | None = None,
     ) -> str:
-        """Step 4: the answer from [full image, crop], continuing the box conversation."""
+        """Step 4: the answer from [full image, crop] (or several crops), continuing the box conversation."""
         return self._micro(load_image(image), crop_image, question, box_text, options).text
 
     def arbitrate(
         self,
         image: ImageInput,
-        crop_image: Image.Image,
+        crop_image: Crops,
         question: str,
         candidates: Sequence[str],
         *,
@@ -454,7 +479,7 @@ class DualFocus:
             return Arbitration(method=method, candidates=list(candidates), scores=scores, winner=winner)
 
     def judge(
-        self, image: ImageInput, crop_image: Image.Image, question: str, candidates: Sequence[str]
+        self, image: ImageInput, crop_image: Crops, question: str, candidates: Sequence[str]
     ) -> int | None:
         """The judge vote: one generation sees both views and both answers; the index it picks, or None.
 
@@ -595,6 +620,10 @@ class DualFocus:
                 for name in ("box", "crop_box"):
                     if trace.get(name) is not None:
                         trace[name] = frame.to_root(trace[name])
+                trace["regions"] = [
+                    r.model_copy(update={"box": frame.to_root(r.box), "crop_box": frame.to_root(r.crop_box)})
+                    for r in trace.get("regions", [])
+                ]
                 return answer
         # the macro answer and the box request go to the backend together; in mode="auto" only where a
         # session makes the box nearly free (the zoom may be skipped)
@@ -628,12 +657,16 @@ class DualFocus:
                 trace["macro_answer"] = run.macro.text
             return self._only(run, "macro", options, f"no box: {location.failure}; the macro answer stands")
 
-        zoomed = self.zoom(picture, location.box)
-        run.micro = self._micro(picture, zoomed.crop, question, location.box_text, options)
-        trace.update(crop_box=zoomed.box, crop=zoomed.crop, micro_answer=run.micro.text)
+        boxes = location.boxes[: self.region_limit]  # the first box, or the first k of several
+        zooms = [self.zoom(picture, box) for box in boxes]
+        crops = [zoomed.crop for zoomed in zooms]
+        regions = [FocusRegion(box=b, crop_box=z.box, crop=z.crop) for b, z in zip(boxes, zooms, strict=True)]
+        trace.update(crop_box=zooms[0].box, crop=crops[0], regions=regions)
+        run.micro = self._micro(picture, crops, question, location.box_text, options)
+        trace["micro_answer"] = run.micro.text
         if mode == "micro":
             return self._only(run, "micro", options)
-        return self._vote(run, picture, zoomed.crop, question, options, location.box_text, method)
+        return self._vote(run, picture, crops, question, options, location.box_text, method)
 
     def _only(
         self, run: _Run, path: Path, options: list[str] | None, reason: str | None = None
@@ -680,7 +713,7 @@ class DualFocus:
         self,
         run: _Run,
         image: Image.Image,
-        crop_image: Image.Image,
+        crop_image: Crops,
         question: str,
         options: list[str] | None,
         box_text: str,
@@ -725,7 +758,7 @@ class DualFocus:
         self,
         run: _Run,
         image: Image.Image,
-        crop_image: Image.Image,
+        crop_image: Crops,
         question: str,
         options: list[str] | None,
         box_text: str,
@@ -788,7 +821,7 @@ class DualFocus:
     def _micro(
         self,
         picture: Image.Image,
-        crop_image: Image.Image,
+        crop_image: Crops,
         question: str,
         box_text: str,
         options: Sequence[str] | None,
@@ -802,11 +835,13 @@ class DualFocus:
 
     def _read_box(self, picture: Image.Image, box_text: str, outputs: dict[str, Any]) -> Location:
         input_size = self.backend.input_size(picture)
-        parsed = parse_box(box_text, self.backend.box_convention, picture.size, input_size)
+        readings = read_boxes(box_text, self.backend.box_convention, picture.size, input_size)
+        parsed = readable_boxes(readings)
         if isinstance(parsed, NoBox):
             location = Location(box_text=box_text, box=None, failure=parsed.reason)
         else:
-            location = Location(box_text=box_text, box=parsed)
+            dropped = [f"box {i}: {r.reason}" for i, r in enumerate(readings, 1) if isinstance(r, NoBox)]
+            location = Location(box_text=box_text, box=parsed[0], boxes=parsed, dropped=dropped)
         outputs.update(location.model_dump())
         return location
 
@@ -856,6 +891,14 @@ def _count(requests: int) -> None:
         run.model_calls += requests
 
 
+def _crops(crop_image: Crops) -> list[Image.Image]:
+    """The crop, or the crops in order, as a list."""
+    crops = [crop_image] if isinstance(crop_image, Image.Image) else list(crop_image)
+    if not crops:
+        raise ValueError("the micro step needs at least one crop")
+    return crops
+
+
 def option_letter(answer: str, options: Sequence[str]) -> str | None:
     """The option letter an answer picks ("B", "(B)", "B. red", or an option's own text), or None."""
     letters = OPTION_LETTERS[: len(options)]
@@ -888,6 +931,7 @@ __all__ = [
     "UNSCORED_VOTE",
     "UNSCORED_VOTES",
     "AnswerMemory",
+    "Crops",
     "DualFocus",
     "ImageInput",
     "InputLimitError",

@@ -13,6 +13,9 @@ STEPS = ("macro", "locate", "micro", "score", "choices")
 # Optional templates: a family without the file uses the "dualfocus" family's.
 OPTIONAL_STEPS = ("judge", "presence")
 OPTION_LETTERS = string.ascii_uppercase
+# Templates for several regions (``DualFocus(max_regions>1)``): a family without the file uses its own
+# single-region template.
+MANY_STEPS = {"locate_many": "locate", "micro_many": "micro", "score_many": "score"}
 
 
 class PromptSet(BaseModel, frozen=True):
@@ -25,6 +28,9 @@ class PromptSet(BaseModel, frozen=True):
     score: str
     choices: str
     judge: str
+    locate_many: str
+    micro_many: str
+    score_many: str
     presence: str
 
     def with_options(self, question: str, options: Sequence[str] | None) -> str:
@@ -58,7 +64,10 @@ def load_prompts(family: str) -> PromptSet:
         own = folder / f"{step}.txt"
         source = own if own.is_file() else resources.files("df_agent.prompts") / "dualfocus" / f"{step}.txt"
         texts[step] = source.read_text(encoding="utf-8")
+    for step, single in MANY_STEPS.items():
+        own = folder / f"{step}.txt"
+        texts[step] = own.read_text(encoding="utf-8") if own.is_file() else texts[single]
     return PromptSet(family=family, **texts)
 
 
-__all__ = ["OPTIONAL_STEPS", "OPTION_LETTERS", "STEPS", "PromptSet", "families", "load_prompts"]
+__all__ = ["MANY_STEPS", "OPTIONAL_STEPS", "OPTION_LETTERS", "STEPS", "PromptSet", "families", "load_prompts"]

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from df_agent.boxes import Box
 
@@ -26,11 +26,32 @@ _SCORE_FIELDS = {"macro_nll"}
 
 
 class Location(BaseModel):
-    """What the region step produced: the model's raw box text and the box read from it."""
+    """What the region step produced: the model's raw box text and the boxes read from it.
+
+    A model may write several boxes (see `df_agent.boxes.parse_boxes`): `boxes` holds every readable
+    one in the order written and `box` is the first; where the model writes one box, ``boxes ==
+    [box]``.
+    """
 
     box_text: str = Field(description="The model's reply to the box request, verbatim.")
-    box: Box | None = Field(description="The region in original-image pixels, or None if unreadable.")
+    box: Box | None = Field(description="The first readable region, original-image pixels; None if none.")
+    boxes: list[Box] = Field(
+        default_factory=list,
+        description="Every readable region in original-image pixels, in the order written; the first is box.",
+    )
+    dropped: list[str] = Field(
+        default_factory=list,
+        description="Why each unreadable box among several was left out ('box 2: ...'); [] for one box.",
+    )
     failure: str | None = Field(default=None, description="Why no box could be read, if none was.")
+
+    @model_validator(mode="after")
+    def _first_is_box(self) -> Location:
+        if not self.boxes and self.box is not None:
+            self.boxes = [self.box]
+        if (self.boxes[0] if self.boxes else None) != self.box:
+            raise ValueError("Location.box must be the first of Location.boxes")
+        return self
 
 
 class Zoom(BaseModel):
@@ -40,6 +61,18 @@ class Zoom(BaseModel):
 
     box: Box = Field(description="The crop's box in original-image pixels.")
     crop: Image.Image = Field(exclude=True, repr=False)
+
+
+class FocusRegion(BaseModel):
+    """One region the micro step looked at: the model's box and the square region cropped for it."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    box: Box = Field(description="The model's box in original-image pixels.")
+    crop_box: Box = Field(
+        description="The region cropped for it (squared, margin, minimum side, clipped), original pixels."
+    )
+    crop: Image.Image | None = Field(default=None, exclude=True, repr=False)
 
 
 class Arbitration(BaseModel):
@@ -98,6 +131,11 @@ class FocusResult(BaseModel):
     box_text: str | None = Field(default=None, description="The model's raw reply to the box request.")
     box: Box | None = Field(default=None, description="The region read from box_text, original pixels.")
     crop_box: Box | None = Field(default=None, description="The square region that was cropped.")
+    regions: list[FocusRegion] = Field(
+        default_factory=list,
+        description="Every region the micro step looked at, in the order written (the first: box, "
+        "crop_box); more than one only with DualFocus(max_regions>1). [] when there was no zoom.",
+    )
     scores: dict[str, float] | None = Field(
         default=None, description="Mean NLL of each candidate keyed by path; None when no vote ran."
     )
@@ -169,6 +207,7 @@ def result_differences(first: FocusResult, second: FocusResult, *, atol: float =
 __all__ = [
     "Arbitration",
     "ArbitrationMethod",
+    "FocusRegion",
     "FocusResult",
     "Location",
     "Mode",
