@@ -258,7 +258,11 @@ def load_image(
         raise TypeError(f"cannot load an image from {type(source).__name__}")
     path = Path(source)
     name = f"image file {str(path)!r}"
-    if not path.exists():
+    try:
+        missing = not path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise ImageError(f"{name} cannot be read: {exc}") from None
+    if missing:
         raise ImageError(f"{name} not found")
     if path.is_dir():
         raise ImageError(f"{name} is a directory, not an image file")
