@@ -115,6 +115,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.resume and not args.output:
         raise UsageError("--resume needs --output OUT.jsonl (the file to resume)")
     _check_options(args.options, "--option")
+    if not batch:
+        _check_lengths(args.question, args.options or [])
     if args.max_pixels is not None and not 0 < args.max_pixels <= ENGINE_MAX_PIXELS:
         raise UsageError(f"--max-pixels must be between 1 and {ENGINE_MAX_PIXELS:,}, not {args.max_pixels:,}")
     if args.annotate:
@@ -141,6 +143,20 @@ def _check_options(options: object, name: str) -> None:
         raise UsageError(f"{name} must be non-empty strings")
     if not 2 <= len(options) <= MAX_OPTIONS:
         raise UsageError(f"{name}: give 2 to {MAX_OPTIONS} options, not {len(options)}")
+
+
+def _check_lengths(question: str, options: list[str]) -> None:
+    """The engine's default text limits (max_question_chars, max_option_chars), checked before loading."""
+    from df_agent.engine import MAX_OPTION_CHARS, MAX_QUESTION_CHARS
+
+    length = len(question) + sum(len(o) for o in options)
+    if length > MAX_QUESTION_CHARS:
+        raise UsageError(
+            f"the question is {length:,} characters (with its options); the limit is "
+            f"{MAX_QUESTION_CHARS:,} (max_question_chars)"
+        )
+    if any(len(o) > MAX_OPTION_CHARS for o in options):
+        raise UsageError(f"an option is longer than {MAX_OPTION_CHARS:,} characters (max_option_chars)")
 
 
 def _check_parent(path: str, name: str) -> None:
@@ -205,6 +221,11 @@ def _check_line(path: Path, lineno: int, text: str) -> _Line:
             _check_options(fields.get("options"), "'options'")
         except UsageError as err:
             line.error = f"{err} (a list of strings)"
+        else:
+            try:
+                _check_lengths(fields["question"], fields.get("options") or [])
+            except UsageError as err:
+                line.error = str(err)
     if line.error is None:
         line.source = (
             image if image.startswith("data:") or Path(image).is_absolute() else str(path.parent / image)

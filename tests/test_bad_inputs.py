@@ -642,13 +642,6 @@ CLI_CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
 }
 
 
-# The engine's text limits, which the CLI checks only after loading the model.
-CLI_AFTER_LOADING = {"100kB-question", "long-option"}
-LATE = (
-    "the CLI checks the engine's text limits (max_question_chars, max_option_chars) after loading the model"
-)
-
-
 def _cli(argv: list[str], capsys) -> tuple[int | str | None, list[str], str]:
     try:
         status = main(argv)
@@ -658,13 +651,7 @@ def _cli(argv: list[str], capsys) -> tuple[int | str | None, list[str], str]:
     return status, [line for line in err.splitlines() if "error:" in line], err
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason=LATE)] * (c in CLI_AFTER_LOADING))
-        for c in CLI_CASES
-    ],
-)
+@pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_exits_non_zero_with_one_error_line_before_loading(
     case: str, files: dict, monkeypatch, capsys
 ) -> None:
@@ -674,16 +661,6 @@ def test_cli_exits_non_zero_with_one_error_line_before_loading(
     monkeypatch.setattr(DualFocus, "from_pretrained", refuse)  # every check runs before loading
     argv, message = CLI_CASES[case]
     status, errors, err = _cli(argv(files), capsys)
-    assert status not in (0, None) and "Traceback" not in err
-    assert len(errors) == 1 and message in errors[0], err
-
-
-@pytest.mark.parametrize("case", sorted(CLI_AFTER_LOADING))
-def test_cli_limits_after_loading_are_one_error_line(
-    case: str, files: dict, tiny_llava_path: Path, capsys
-) -> None:
-    argv, message = CLI_CASES[case]
-    status, errors, err = _cli([*argv(files), "--model", str(tiny_llava_path), "--device", "cpu"], capsys)
     assert status not in (0, None) and "Traceback" not in err
     assert len(errors) == 1 and message in errors[0], err
 
