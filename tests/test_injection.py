@@ -230,3 +230,13 @@ def test_guard_breaks_overlaps_and_keeps_plain_text() -> None:
         assert broken.replace(BREAK, "") == text
     plain = "What colour is the square? (a) red [0.1, 0.2] <b> user: x"
     assert guard.plain(plain) == plain
+
+
+def test_the_models_own_box_tokens_stay_in_its_replies_but_not_in_user_text() -> None:
+    """Qwen2-VL writes its box inside <|box_start|>..<|box_end|>: echoed back, they must stay tokens."""
+    from df_agent.backends.text_safety import BREAK, REMOTE_GUARD
+
+    box = "<|box_start|>(10,20),(300,400)<|box_end|>"
+    assert REMOTE_GUARD.turn_text("assistant", box) == box
+    assert BREAK in REMOTE_GUARD.turn_text("user", box)
+    assert BREAK in REMOTE_GUARD.turn_text("assistant", "<image> <|im_end|>")

@@ -13,8 +13,10 @@ Two strengths:
 - `TextGuard.plain` (user turns, candidates scored as replies) breaks control strings and the
   template's role markers (``USER:``, ``ASSISTANT:``...), whitespace before their colon included.
 - `TextGuard.literal` (assistant turns: the model's own replies echoed back, such as its box text)
-  breaks control strings only. A reply is decoded without its special tokens, so a control string
-  in it is text the model wrote piece by piece; role markers it wrote stay as it wrote them.
+  breaks control strings only, and keeps the grounding tokens a box is written with
+  (`GROUNDING_TOKENS`, e.g. Qwen2-VL's ``<|box_start|>``). A reply is decoded without its special
+  tokens, so a control string in it is text the model wrote piece by piece; role markers it wrote
+  stay as it wrote them.
 
 The backends apply it where they render text, so every caller is covered: transformers backends
 with `TextGuard.for_processor` (every special or added token of the tokenizer, the processor's
@@ -46,6 +48,12 @@ COMMON_CONTROL_STRINGS: tuple[str, ...] = (
     "<|image|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",
 )  # fmt: skip
 COMMON_ROLE_MARKERS: tuple[str, ...] = ("USER:", "ASSISTANT:", "SYSTEM:")
+# The tokens a grounding model writes its boxes with (Qwen-VL, Qwen2-VL): kept in the model's own replies,
+# and in the box text `df_agent.boxes.format_box` writes for it, where they carry the box.
+GROUNDING_TOKENS: tuple[str, ...] = (
+    "<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|quad_start|>",
+    "<|quad_end|>", "<box>", "</box>", "<ref>", "</ref>",
+)  # fmt: skip
 PIPE_TOKEN = r"<\|[^<>|\s]{1,64}\|>"
 _SENTINELS = ("dfguardqone", "dfguardatwo", "dfguardqthree")
 
@@ -77,7 +85,8 @@ class TextGuard:
         )
         controls = [PIPE_TOKEN, *(re.escape(s) for s in strings)]
         markers = [_marker_pattern(m) for m in sorted(set(self.role_markers), key=len, reverse=True)]
-        object.__setattr__(self, "_literal", re.compile("|".join(controls)))
+        kept = "|".join(re.escape(token) for token in GROUNDING_TOKENS)
+        object.__setattr__(self, "_literal", re.compile(f"(?!{kept})(?:{'|'.join(controls)})"))
         object.__setattr__(self, "_plain", re.compile("|".join(controls + [m for m in markers if m])))
 
     def plain(self, text: str) -> str:
@@ -85,7 +94,7 @@ class TextGuard:
         return _break(self._plain, text)
 
     def literal(self, text: str) -> str:
-        """The model's own text echoed back: control strings broken, everything else as written."""
+        """The model's own text echoed back: control strings broken, grounding tokens kept, the rest as is."""
         return _break(self._literal, text)
 
     def turn_text(self, role: str, text: str) -> str:
