@@ -28,7 +28,7 @@ from df_agent.backends.base import (
     Request,
     ScoringUnavailableError,
 )
-from df_agent.boxes import Box, NoBox, crop, read_boxes, readable_boxes, zoom_box
+from df_agent.boxes import Box, BoxError, NoBox, crop, read_boxes, readable_boxes, zoom_box
 from df_agent.frames import Frame
 from df_agent.images import image_hash, load_image
 from df_agent.observers import StepObserver
@@ -268,6 +268,10 @@ class DualFocus:
             raise ValueError("question must be a non-empty string")
         if isinstance(options, str):
             raise InvalidOptionError("options must be a list of strings, not one string", limit="options")
+        if not isinstance(options, Sequence | None):
+            raise InvalidOptionError(
+                f"options must be a list of strings, not {type(options).__name__}", limit="options"
+            )
         options = list(options) if options else None
         if options:
             if len(options) > len(OPTION_LETTERS):
@@ -366,10 +370,12 @@ class DualFocus:
 
     def macro(self, image: ImageInput, question: str, options: Sequence[str] | None = None) -> str:
         """Step 1: the answer from the whole image."""
+        options = self.check_question(question, options)
         return self._macro(load_image(image), question, options).text
 
     def locate(self, image: ImageInput, question: str) -> Location:
         """Step 2: ask for the region the question is about and read the box in original pixels."""
+        self.check_question(question)
         picture = load_image(image)
         with self._step("locate", {"question": question}) as outputs:
             [reply] = self._generate([self._locate_request(picture, question)])
@@ -388,6 +394,8 @@ class DualFocus:
 
     def zoom(self, image: ImageInput, box: Box) -> Zoom:
         """Step 3: square the box, add the margin, enforce the minimum side, clip, crop."""
+        if not isinstance(box, Box):
+            raise BoxError(f"zoom takes a Box in image pixels, not {type(box).__name__} {box!r:.60}")
         picture = load_image(image)
         with self._step("zoom", {"box": box.model_dump()}) as outputs:
             region = zoom_box(box, picture.size, margin=self.margin, min_side=self.min_side)
@@ -420,6 +428,7 @@ class DualFocus:
         options: Sequence[str] | None = None,
     ) -> str:
         """Step 4: the answer from [full image, crop] (or several crops), continuing the box conversation."""
+        options = self.check_question(question, options)
         return self._micro(load_image(image), crop_image, question, box_text, options).text
 
     def arbitrate(
@@ -537,18 +546,19 @@ class DualFocus:
         picture = load_image(image)
         digest = image_hash(picture)
         memory = self.memory if use_memory else None
+        lookup: dict[str, float] = {}
         if memory is not None:
             start = time.perf_counter()
             remembered = memory.lookup(
                 digest, question, self.backend.model_id, mode, options, arbitration=method
             )
+            lookup["lookup"] = seconds = time.perf_counter() - start
             if remembered is not None:
-                seconds = time.perf_counter() - start
                 timings = {"lookup": seconds, "total": seconds}
                 return remembered.model_copy(update={"cached": True, "model_calls": 0, "timings": timings})
         start = time.perf_counter()
         run = self._answer(picture, question, options, mode, method)
-        run.timings["total"] = time.perf_counter() - start
+        run.timings = {**lookup, **run.timings, "total": time.perf_counter() - start}
         result = FocusResult(
             question=question,
             options=options,

@@ -35,7 +35,7 @@ ZoomDeeperArg = Annotated[bool, Field(description=_FIELDS["zoom_deeper"])]
 CandidatesArg = Annotated[list[Text], Field(min_length=2, description=_FIELDS["candidates"])]
 RecallQuestionArg = Annotated[str, Field(min_length=1, description=_FIELDS["recall_question"])]
 RecallImageArg = Annotated[str | None, Field(min_length=1, description=_FIELDS["recall_image"])]
-RecallKArg = Annotated[int, Field(ge=1, le=20, description=_FIELDS["recall_k"])]
+RecallKArg = Annotated[int, Field(ge=1, le=20, strict=True, description=_FIELDS["recall_k"])]
 
 
 class ToolInput(BaseModel):
