@@ -19,8 +19,9 @@ ArbitrationMethod = Literal["official", "own_context", "average"]
 Vote = Literal["official", "own_context", "average", "generation_logprobs", "micro_policy", "judge"]
 UnscoredVote = Literal["micro_policy", "judge"]
 
-# Fields that differ between any two runs of the same question, whatever the path.
-_RUN_FIELDS = {"timings", "created_at"}
+# Fields that differ between two runs of the same question or between the paths (a session asks for
+# the box together with the macro answer even where mode="auto" then skips the zoom).
+_RUN_FIELDS = {"timings", "created_at", "model_calls"}
 # Float fields compared with a tolerance by `result_differences`.
 _SCORE_FIELDS = {"macro_nll"}
 
@@ -179,7 +180,7 @@ class FocusResult(BaseModel):
 
 
 def result_differences(first: FocusResult, second: FocusResult, *, atol: float = 1e-4) -> list[str]:
-    """What differs between two results of the same question, beyond timings: [] when they agree.
+    """What differs between two results of one question (timings, model calls aside): [] if they agree.
 
     Scores (mean NLLs: `scores`, `macro_nll`) agree when within `atol`; every other field must be
     equal (texts, boxes, paths, votes, reasons).
