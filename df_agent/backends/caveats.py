@@ -89,12 +89,23 @@ def input_warnings(tokenizer, question: str, image: Image.Image | None, *, shipp
             f"it as {tokenizer.unk_token}: {_listed(unknown)}"
         )
     if shipped and image is not None and not looks_like_focusshapes(image):
-        share = palette_share(image)
         found.append(
             "the image does not look like a FocusShapes scene, the only kind the shipped model was trained "
-            f"on ({share.familiar:.0%} of its pixels are in the FocusShapes palette; scenes have 98% or more)"
+            f"on ({_unlike(palette_share(image))})"
         )
     return found
+
+
+def _unlike(share: PaletteShare) -> str:
+    """Which of the palette checks the image fails, with its figures."""
+    failed = []
+    if share.familiar < MIN_FAMILIAR:
+        failed.append(f"{share.familiar:.0%} of its pixels are in the palette (scenes: {MIN_FAMILIAR:.0%}+)")
+    if share.colour < MIN_COLOUR:
+        failed.append(f"{share.colour:.1%} are shape colours (scenes: {MIN_COLOUR:.0%}+)")
+    if share.canvas < MIN_CANVAS:
+        failed.append(f"{share.canvas:.0%} are light-grey canvas (scenes: {MIN_CANVAS:.0%}+)")
+    return "; ".join(failed)
 
 
 def _listed(words: Sequence[str], limit: int = 8) -> str:
