@@ -89,7 +89,7 @@ def make_example(
 
 
 class _EncodeOnly(torch.nn.Module):
-    """Stands in for the model inside `HFBackend` when only its encoding is needed."""
+    """Stands in for the model inside `PlainHFBackend` when only its encoding is needed."""
 
     def __init__(self, config):
         super().__init__()
@@ -102,11 +102,11 @@ _BACKENDS: dict[int, object] = {}
 
 def encode_example(processor, config, example: Example) -> dict:
     """Input ids, pixel values and labels (reply + end-of-turn tokens) of one example."""
-    from df_agent.backends.hf import HFBackend, encode_for_training
+    from df_agent.backends.hf import PlainHFBackend, encode_for_training
 
     backend = _BACKENDS.get(id(processor))
     if backend is None:
-        backend = HFBackend(_EncodeOnly(config), processor, model_id="training")
+        backend = PlainHFBackend(_EncodeOnly(config), processor, model_id="training")
         _BACKENDS[id(processor)] = backend
     return encode_for_training(backend, example.conversation, example.reply)
 
