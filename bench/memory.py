@@ -1,4 +1,4 @@
-"""Memory benchmark: recall latency and quality at 1k, 10k and 100k records, and what logging adds to an `ask`.
+"""Memory benchmark: recall latency and quality at 1k, 10k and 100k records, and what logging adds to `ask`.
 
     OMP_NUM_THREADS=1 python bench/memory.py [--sizes 1000 10000 100000] [--queries 200]
         [--quality-queries 1000] [--asks 40]
@@ -279,7 +279,9 @@ def main() -> None:
     parser.add_argument("--batch-delay", type=float, help="the memory's batch_delay (default: its default)")
     parser.add_argument("--skip-recall", action="store_true")
     parser.add_argument("--skip-ask", action="store_true")
-    parser.add_argument("--measure", nargs=4, metavar=("STORE", "SIZE", "QUERIES", "QUALITY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--measure", nargs=4, metavar=("STORE", "SIZE", "QUERIES", "QUALITY"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.measure:
         measure(args.measure[0], int(args.measure[1]), int(args.measure[2]), int(args.measure[3]))

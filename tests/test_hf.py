@@ -144,7 +144,7 @@ def test_from_pretrained_builds_engine_and_backend(tiny_llava_path, scene) -> No
 
 
 def test_from_pretrained_missing_folder_says_so(tmp_path) -> None:
-    with pytest.raises(OSError, match="folder not found|could not load a model"):
+    with pytest.raises(OSError, match=r"folder not found|could not load a model"):
         DualFocus.from_pretrained(tmp_path / "absent", device="cpu")
 
 
