@@ -14,13 +14,13 @@ This is the only core module that imports LangChain (install ``df-agent[tools]``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from PIL import Image
 
 from df_agent.backends._images import png_base64
 from df_agent.backends.base import Abilities, Backend, Conversation, Generation, Request
-from df_agent.backends.presets import preset_for
+from df_agent.backends.presets import InputSize, preset_for, resolve_input_size
 from df_agent.backends.text_safety import REMOTE_GUARD
 from df_agent.boxes import BoxConvention
 
@@ -30,7 +30,6 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the installed extras
     raise ImportError("ChatModelBackend needs langchain-core: pip install 'df-agent[tools]'") from err
 
-InputSize = tuple[int, int] | Callable[[Image.Image], tuple[int, int]]
 # The keyword each chat model class takes for the reply's token budget (default "max_tokens").
 PNG = "image/png"
 MAX_TOKENS_KWARGS = {"ChatOllama": "num_predict", "ChatGoogleGenerativeAI": "max_output_tokens"}
@@ -163,11 +162,7 @@ class ChatModelBackend(Backend):
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """The (width, height) the model's processor resizes `image` to (see `input_size=`)."""
-        if self._input_size is None:
-            return image.size
-        if callable(self._input_size):
-            return self._input_size(image)
-        return self._input_size
+        return resolve_input_size(self._input_size, image)
 
 
 def _text(message: BaseMessage) -> str:

@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
@@ -45,7 +45,7 @@ from df_agent.backends.base import (
     Request,
     ScoringUnavailableError,
 )
-from df_agent.backends.presets import Capabilities, preset_for
+from df_agent.backends.presets import Capabilities, InputSize, preset_for, resolve_input_size
 from df_agent.backends.text_safety import REMOTE_GUARD
 from df_agent.boxes import BoxConvention
 
@@ -56,7 +56,6 @@ except ImportError as err:  # pragma: no cover - depends on the installed extras
 
 logger = logging.getLogger(__name__)
 
-InputSize = tuple[int, int] | Callable[[Image.Image], tuple[int, int]]
 CHAT_PATH = "/v1/chat/completions"
 TOKENIZE_PATH = "/tokenize"
 MODELS_PATH = "/v1/models"
@@ -524,11 +523,7 @@ class OpenAIBackend(Backend):
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """The (width, height) the server's processor resizes `image` to (see `input_size=`)."""
-        if self._input_size is None:
-            return image.size
-        if callable(self._input_size):
-            return self._input_size(image)
-        return self._input_size
+        return resolve_input_size(self._input_size, image)
 
 
 def _first_choice(body: dict) -> dict:

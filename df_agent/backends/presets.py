@@ -45,6 +45,15 @@ from df_agent.boxes import BoxConvention
 
 Capabilities = Literal["vllm", "hosted", "bare"]
 InputSizeFn = Callable[[Image.Image], tuple[int, int]]
+# a remote model's input size: fixed, a function of the image, or None (the image's own size)
+InputSize = tuple[int, int] | InputSizeFn
+
+
+def resolve_input_size(setting: InputSize | None, image: Image.Image) -> tuple[int, int]:
+    """The (width, height) a model reads `image` at, by a backend's `input_size` setting."""
+    if setting is None:
+        return image.size
+    return setting(image) if callable(setting) else setting
 
 
 def qwen_input_size(
@@ -153,4 +162,14 @@ def preset_for(model: str, **overrides: object) -> Preset:
     return replace(preset, **given) if given else preset
 
 
-__all__ = ["DEFAULT", "PRESETS", "Capabilities", "InputSizeFn", "Preset", "preset_for", "qwen_input_size"]
+__all__ = [
+    "DEFAULT",
+    "PRESETS",
+    "Capabilities",
+    "InputSize",
+    "InputSizeFn",
+    "Preset",
+    "preset_for",
+    "qwen_input_size",
+    "resolve_input_size",
+]
