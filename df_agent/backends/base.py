@@ -106,6 +106,20 @@ class Generation:
         return -sum(self.token_logprobs) / len(self.token_logprobs)
 
 
+def read_token_logprobs(entries: object) -> tuple[float, ...] | None:
+    """Token log-probabilities from OpenAI-style entries (``[{"token", "logprob"}, ...]``), or None.
+
+    Remote backends get them in this shape (the OpenAI API, vLLM, Ollama, LangChain's
+    ``response_metadata``); anything else, or an entry without a number, gives None.
+    """
+    if not isinstance(entries, list):
+        return None
+    try:
+        return tuple(float(entry["logprob"]) for entry in entries)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class Abilities:
     """What a backend can report beyond text; the engine picks its votes from these.
@@ -214,4 +228,5 @@ __all__ = [
     "Role",
     "ScoringUnavailableError",
     "Turn",
+    "read_token_logprobs",
 ]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from df_agent.backends._images import png_base64
-from df_agent.backends.base import Abilities, Backend, Conversation, Generation, Request
+from df_agent.backends.base import Abilities, Backend, Conversation, Generation, Request, read_token_logprobs
 from df_agent.backends.presets import InputSize, preset_for, resolve_input_size
 from df_agent.backends.text_safety import REMOTE_GUARD
 from df_agent.boxes import BoxConvention
@@ -44,12 +44,7 @@ def token_logprobs(message: BaseMessage) -> tuple[float, ...] | None:
     entries = (getattr(message, "response_metadata", None) or {}).get("logprobs")
     if isinstance(entries, dict):
         entries = entries.get("content")
-    if not isinstance(entries, list):
-        return None
-    try:
-        return tuple(float(entry["logprob"]) for entry in entries)
-    except (KeyError, TypeError, ValueError):
-        return None
+    return read_token_logprobs(entries)
 
 
 class ChatModelBackend(Backend):

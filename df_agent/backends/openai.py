@@ -44,6 +44,7 @@ from df_agent.backends.base import (
     Generation,
     Request,
     ScoringUnavailableError,
+    read_token_logprobs,
 )
 from df_agent.backends.presets import Capabilities, InputSize, preset_for, resolve_input_size
 from df_agent.backends.text_safety import REMOTE_GUARD
@@ -534,12 +535,7 @@ def _first_choice(body: dict) -> dict:
 def _token_logprobs(choice: dict) -> tuple[float, ...] | None:
     """``choice.logprobs.content[*].logprob`` (OpenAI's shape), or None when there are none."""
     content = (choice.get("logprobs") or {}).get("content") if isinstance(choice, dict) else None
-    if not isinstance(content, list):
-        return None
-    try:
-        return tuple(float(entry["logprob"]) for entry in content)
-    except (KeyError, TypeError, ValueError):
-        return None
+    return read_token_logprobs(content)
 
 
 __all__ = ["CAPABILITIES", "OPENAI_URL", "OpenAIBackend", "ServerError", "server_root"]
