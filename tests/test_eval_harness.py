@@ -459,6 +459,29 @@ def test_cli_eval_a_served_model_with_concurrent_workers(tmp_path: Path, tiny_ll
     )
 
 
+def test_cli_eval_through_langchain_finds_the_served_model_and_fails_clearly_on_a_wrong_one(
+    tmp_path: Path, tiny_llava_backend, picture, capsys
+) -> None:
+    from openai_server import OpenAITestServer
+
+    picture.save(tmp_path / "p.png")
+    lines = [{"image": "p.png", "question": f"What is shape {k}?", "answer": "red"} for k in range(2)]
+    (tmp_path / "qs.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "served.json"
+    argv = ["eval", "jsonl", "--questions", str(tmp_path / "qs.jsonl"), "--json", str(out), "--quiet"]
+    argv += ["--server-client", "langchain", "--capabilities", "hosted", "--max-new-tokens", "2"]
+    with OpenAITestServer(tiny_llava_backend, profile="hosted") as server:
+        assert main([*argv, "--server", server.url]) == 0  # no --served-model: the first listed
+        chats = [r.body for r in server.records if r.path.endswith("/chat/completions")]
+        assert {body["model"] for body in chats} == {"df-test"} and len(chats) >= 2 * 2
+        assert json.loads(out.read_text())["n"] == 2
+        capsys.readouterr()
+        wrong = [*argv, "--server", server.url, "--served-model", "nope", "--overwrite"]
+        assert main(wrong) != 0
+    err = capsys.readouterr().err
+    assert "nope" in err and "does not exist" in err and "Traceback" not in err
+
+
 def test_cli_eval_pope_prints_the_official_metrics_per_split(
     tmp_path: Path, tiny_llava_path, picture, capsys
 ) -> None:

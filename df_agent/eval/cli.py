@@ -145,19 +145,22 @@ def build_engine(args: argparse.Namespace) -> DualFocus:
     if args.model or args.device or args.dtype:
         raise ValueError("--server evaluates a served model: --model, --device and --dtype do not apply")
     api_key = os.environ.get("DF_AGENT_API_KEY")
+    from df_agent.backends.openai import OpenAIBackend
+
     if args.server_client == "langchain":
         from langchain_openai import ChatOpenAI
 
         from df_agent.backends.chat_model import ChatModelBackend
 
+        # the model's name as OpenAIBackend finds it: the first the server lists, unless named
+        model = (
+            args.served_model or OpenAIBackend(args.server[0], api_key=api_key, capabilities="bare").model_id
+        )
         logprobs = args.capabilities != "bare"
         llm = ChatOpenAI(
-            model=args.served_model or "default", base_url=args.server[0], api_key=api_key or "none",
-            temperature=0, logprobs=logprobs,
-        )  # fmt: skip
+            model=model, base_url=args.server[0], api_key=api_key or "none", temperature=0, logprobs=logprobs
+        )
         return DualFocus(ChatModelBackend(llm, logprobs=logprobs), **kwargs)
-    from df_agent.backends.openai import OpenAIBackend
-
     backend = OpenAIBackend(args.server, args.served_model, api_key=api_key, capabilities=args.capabilities)
     return DualFocus(backend, **kwargs)
 
@@ -170,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
         from df_agent.backends.openai import ServerError
 
         server_errors = (ServerError,)
+        if args.server_client == "langchain":
+            from openai import APIError
+
+            server_errors += (APIError,)
     try:
         engine = build_engine(args)
         json_path = Path(args.json or f"eval-{benchmark.name}.json")
