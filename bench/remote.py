@@ -1,6 +1,6 @@
 """Latency of DualFocus over the network: a remote model with a simulated round trip.
 
-    OMP_NUM_THREADS=1 python bench/remote.py [--n 30] [--delay 0.2] [--seed 2024]
+    OMP_NUM_THREADS=1 python bench/remote.py [--n 30] [--delay 0.2] [--seed 2024] [--one-at-a-time]
 
 The project's OpenAI-compatible test server (tests/openai_server.py, backed by the shipped model)
 runs on 127.0.0.1 with `--delay` seconds slept before every answer: a network round trip. For each
@@ -11,11 +11,14 @@ hosted-like profile), every question is asked with ``mode="macro"`` (one request
 sequential round trips: hosted-like 2 (macro answer and box request together, then the micro
 answer; the vote reads the generations' log-probabilities), vLLM-like 3 (plus one round of scoring
 requests sent together). Goals: hosted-like at most 2.2x macro-only, vLLM-like at most 3.2x.
-The server's model serves one request at a time (a real server batches), so its compute adds to
-the round trips: ``floor_ratio`` is (round trips x delay + the model's seconds on the server, per
-question: 2 round trips, 3 where the backend scored a vote) over
-(delay + the macro request's model seconds), the best any client could do against this server;
-the gap between ``ratio`` and ``floor_ratio`` is the client's and the transport's overhead.
+The server batches as vLLM and hosted APIs do (``batching=True``: requests that arrive together
+are decoded in the same forward passes, computed prefixes are kept between requests); its model
+time still adds to the round trips. ``floor_ratio`` is (round trips x delay + the server's model
+seconds per question: 2 round trips, 3 where the backend scored a vote) over (delay + the macro
+request's model seconds), the best any client could do against this server; the gap between
+``ratio`` and ``floor_ratio`` is the client's and the transport's overhead. ``--one-at-a-time``
+serves one request after another instead (no batching, no prefix cache): the floor rises by the
+model's extra seconds.
 The last line is one JSON object with the figures.
 """
 
@@ -61,15 +64,18 @@ def client(kind: str, server: OpenAITestServer, profile: str):
     return ChatModelBackend(llm)
 
 
-def measure(backend: HFBackend, profile: str, kind: str, jobs: list[tuple], delay: float) -> dict:
+def measure(
+    backend: HFBackend, profile: str, kind: str, jobs: list[tuple], delay: float, batching: bool
+) -> dict:
     """Median seconds of macro-only and DualFocus, and requests per question, for one configuration."""
-    with OpenAITestServer(backend, profile=profile, delay=delay) as server:
+    with OpenAITestServer(backend, profile=profile, delay=delay, batching=batching) as server:
         engine = DualFocus(client(kind, server, profile))
         for image, question in jobs[:WARMUP]:
             engine.ask(image, question)
         macro, dualfocus, requests, votes = [], [], [], {}
         busy: dict[str, list[float]] = {"macro": [], "dualfocus": []}
         round_trips: list[int] = []
+        batched = 0
         for k, (image, question) in enumerate(jobs):
             order = ("macro", "dualfocus") if k % 2 == 0 else ("dualfocus", "macro")
             for mode in order:
@@ -83,6 +89,7 @@ def measure(backend: HFBackend, profile: str, kind: str, jobs: list[tuple], dela
                 else:
                     dualfocus.append(seconds)
                     requests.append(len(server.records))
+                    batched += server.largest_batch > 1
                     round_trips.append(2 + (result.scores is not None))  # scoring: one more
                     vote = result.vote or "none (" + (result.fallback or "?").split(";")[0] + ")"
                     votes[vote] = votes.get(vote, 0) + 1
@@ -101,6 +108,7 @@ def measure(backend: HFBackend, profile: str, kind: str, jobs: list[tuple], dela
         "floor_ratio": round(floor, 3),
         "server_model_s": {k: round(statistics.median(v), 4) for k, v in busy.items()},
         "requests_per_question": round(statistics.mean(requests), 2),
+        "questions_with_generations_batched": batched,
         "votes": votes,
     }
 
@@ -115,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         "--delay", type=float, default=0.2, help="simulated round trip in seconds (default 0.2)"
     )
     parser.add_argument("--seed", type=int, default=2024, help="FocusShapes seed (default 2024)")
+    parser.add_argument(
+        "--one-at-a-time", action="store_true", help="a server that neither batches nor keeps prefixes"
+    )
     args = parser.parse_args(argv)
     if args.n < 1 or args.delay < 0:
         parser.error("--n must be at least 1 and --delay at least 0")
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = jobs[WARMUP:] + jobs[:WARMUP]  # warm-up questions are not timed
     runs = []
     for profile, kind in (("hosted", "openai"), ("vllm", "openai"), ("hosted", "chat_model")):
-        run = measure(backend, profile, kind, jobs[: args.n + WARMUP], args.delay)
+        run = measure(backend, profile, kind, jobs[: args.n + WARMUP], args.delay, not args.one_at_a_time)
         runs.append(run)
         print(
             f"{profile:<7} {kind:<11} macro {run['macro_s']:.3f} s  dualfocus {run['dualfocus_s']:.3f} s  "
@@ -131,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             f"server model s {run['server_model_s']}  requests/question "
             f"{run['requests_per_question']}  votes {run['votes']}"
         )
-    print(json.dumps({"n": args.n, "delay_s": args.delay, "seed": args.seed, "runs": runs}))
+    server = "one at a time" if args.one_at_a_time else "batching"
+    print(json.dumps({"n": args.n, "delay_s": args.delay, "seed": args.seed, "server": server, "runs": runs}))
     return 0 if all(run["met"] for run in runs) else 1
 
 

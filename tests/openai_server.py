@@ -9,38 +9,52 @@ Profiles (what real servers offer):
 - ``"hosted"``: a hosted chat API (OpenAI's shape): chat completions with generation ``logprobs``
   (``choices[0].logprobs.content``); no ``/tokenize``; vLLM's extra fields are refused with 400.
 - ``"bare"``: chat completions only; ``logprobs`` and unknown fields are ignored (``logprobs: null``).
+- ``"ollama"``: Ollama. Its OpenAI-compatible ``/v1`` (chat completions with generation
+  ``logprobs``, unknown fields ignored) and its native API: ``GET /api/tags``, ``GET /api/version``,
+  ``POST /api/chat`` (``messages`` with base64 ``images``, ``options.num_predict``, ``logprobs``;
+  streamed as JSON lines by default, each token's line with its ``logprobs``).
 
 Every profile streams (``stream: true``, server-sent events) and takes an optional bearer key.
-`delay` seconds are slept before each answer, outside the model lock: a simulated network round
-trip, so concurrent requests overlap it. Faults can be scheduled on the n-th request to a path:
-"503" (an error answer), "timeout" (no answer until the server stops) and "drop" (the connection
-closed without an answer). Every request is recorded with the fault it got, so tests count what
-reached the server.
+`delay` seconds are slept before each answer, outside the model: a simulated network round trip,
+so concurrent requests overlap it. The model serves one request at a time, or with ``batching``
+as vLLM and hosted APIs do: requests that arrive together are decoded side by side in the same
+forward passes, and computed prefixes (images included) are kept between requests (the backend's
+fast path in one long-lived session); the replies are the same. Faults can be scheduled on the
+n-th request to a path: "503" (an error answer), "timeout" (no answer until the server stops) and
+"drop" (the connection closed without an answer). Every request is recorded with the fault it
+got, so tests count what reached the server.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Literal
+from queue import Empty, SimpleQueue
+from typing import Any, Literal, TypeVar
 
 import torch
 
-from df_agent.backends.base import Conversation
+from df_agent.backends.base import Conversation, Request
 from df_agent.backends.hf import HFBackend
 from df_agent.images import load_image
 
 FAULTS = ("503", "timeout", "drop")
-PROFILES = ("vllm", "hosted", "bare")
-Profile = Literal["vllm", "hosted", "bare"]
+PROFILES = ("vllm", "hosted", "bare", "ollama")
+Profile = Literal["vllm", "hosted", "bare", "ollama"]
 VLLM_ONLY_FIELDS = ("prompt_logprobs", "add_generation_prompt", "continue_final_message")
+T = TypeVar("T")
+Reply = tuple[int, str, list[tuple[str, float]]]  # prompt tokens, content, (token, log-probability)
 
 
 class BadRequest(Exception):
@@ -68,6 +82,8 @@ class OpenAITestServer:
         model_name: The name it is served under.
         profile: "vllm", "hosted" or "bare" (see the module docstring).
         delay: Seconds slept before each answer (a simulated round trip).
+        batching: Decode requests that arrive within `batch_window` seconds of each other together,
+            keeping computed prefixes between requests (see the module docstring).
         api_key: When set, requests without ``Authorization: Bearer <api_key>`` get 401.
         port: The loopback port (0: a free one).
     """
@@ -79,6 +95,8 @@ class OpenAITestServer:
         *,
         profile: Profile = "vllm",
         delay: float = 0.0,
+        batching: bool = False,
+        batch_window: float = 0.002,
         api_key: str | None = None,
         port: int = 0,
     ) -> None:
@@ -93,11 +111,13 @@ class OpenAITestServer:
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests the server held at once since the last reset
         self.busy_s = 0.0  # seconds the model worked (requests wait for it in turn) since the last reset
+        self.largest_batch = 0  # the most generations decoded together since the last reset
         self._faults: dict[tuple[str, int], str] = {}
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()  # requests, faults and counters
         self._model_lock = threading.Lock()  # one request at the model at a time
         self._stopped = threading.Event()
+        self._batcher = Batcher(backend, self._worked, batch_window) if batching else None
         self._http = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._http.daemon_threads = True
         self._http.handle_error = self._handle_error  # type: ignore[method-assign]
@@ -111,10 +131,17 @@ class OpenAITestServer:
     @property
     def url(self) -> str:
         """The base URL, OpenAI style (``http://127.0.0.1:PORT/v1``)."""
+        return self.root + "/v1"
+
+    @property
+    def root(self) -> str:
+        """The server's root (``http://127.0.0.1:PORT``), where Ollama's native ``/api`` lives."""
         host, port = self._http.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host}:{port}"
 
     def __enter__(self) -> OpenAITestServer:
+        if self._batcher is not None:
+            self._batcher.start()
         self._thread.start()
         return self
 
@@ -122,6 +149,8 @@ class OpenAITestServer:
         self._stopped.set()
         self._http.shutdown()
         self._http.server_close()
+        if self._batcher is not None:
+            self._batcher.stop()
 
     def fail(self, path: str, nth: int, fault: str) -> None:
         """Answer the `nth` (0-based, counted from now) request to `path` with `fault`."""
@@ -143,6 +172,7 @@ class OpenAITestServer:
             self.records.clear()
             self.max_in_flight = 0
             self.busy_s = 0.0
+            self.largest_batch = 0
             self._faults.clear()
             self._seen.clear()
 
@@ -160,6 +190,22 @@ class OpenAITestServer:
     def _done(self) -> None:
         with self._lock:
             self.in_flight -= 1
+
+    def _worked(self, seconds: float, generations: int) -> None:
+        with self._lock:
+            self.busy_s += seconds
+            self.largest_batch = max(self.largest_batch, generations)
+
+    def _on_model(self, job: Callable[[], T]) -> T:
+        """Run model work (tokenizer included) alone: in turn, or on the batching worker."""
+        if self._batcher is not None:
+            return self._batcher.run(job)
+        with self._model_lock:
+            start = time.perf_counter()
+            try:
+                return job()
+            finally:
+                self._worked(time.perf_counter() - start, 0)
 
     # -- the API -------------------------------------------------------------------------------
 
@@ -187,7 +233,9 @@ class OpenAITestServer:
         text = self.backend.render(
             conversation, add_generation_prompt=generation_prompt, continue_final=continue_final
         )
-        ids = self.backend.encode([text], conversation.images)["input_ids"][0].tolist()
+        ids = self._on_model(
+            lambda: self.backend.encode([text], conversation.images)["input_ids"][0].tolist()
+        )
         return {"count": len(ids), "max_model_len": self._max_model_len(), "tokens": ids, "token_strs": None}
 
     def chat_completions(self, body: dict) -> dict | list[dict]:
@@ -210,13 +258,16 @@ class OpenAITestServer:
             text = self.backend.render(
                 conversation, add_generation_prompt=generation_prompt, continue_final=continue_final
             )
-            prompt_ids, prompt_logprobs, content = self._prompt_logprobs(text, conversation, top_k)
+            prompt_tokens, prompt_logprobs, content = self._on_model(
+                lambda: self._prompt_logprobs(text, conversation, top_k)
+            )
+            completion_tokens = 1
         elif continue_final or not generation_prompt:
             raise BadRequest("the test server generates only after a generation prompt")
         else:
-            prompt_ids, content, token_logprobs = self._generate(conversation, max_tokens)
+            prompt_tokens, content, token_logprobs = self._reply(Request(conversation, max_tokens))
             prompt_logprobs = None
-        completion_tokens = len(self.backend.tokenizer(content, add_special_tokens=False)["input_ids"])
+            completion_tokens = len(token_logprobs)
         finish = "length" if completion_tokens >= max_tokens else "stop"
         logprobs = None
         if want_logprobs and token_logprobs is not None:
@@ -240,13 +291,89 @@ class OpenAITestServer:
                 }
             ],
             "usage": {
-                "prompt_tokens": len(prompt_ids),
-                "total_tokens": len(prompt_ids) + completion_tokens,
+                "prompt_tokens": prompt_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
                 "completion_tokens": completion_tokens,
                 "prompt_tokens_details": None,
             },
             **(vllm_fields if self.profile == "vllm" else {}),
         }
+
+    def ollama_tags(self) -> dict:
+        """Ollama's ``GET /api/tags``: the one local model."""
+        details = {
+            "format": "safetensors",
+            "family": "llava",
+            "parameter_size": "small",
+            "quantization_level": "F32",
+        }
+        entry = {"name": self.model_name, "model": self.model_name, "modified_at": _now(), "size": 0}
+        return {
+            "models": [
+                {**entry, "digest": uuid.uuid5(uuid.NAMESPACE_URL, self.model_name).hex, "details": details}
+            ]
+        }
+
+    def ollama_chat(self, body: dict) -> dict | list[dict]:
+        """Ollama's ``POST /api/chat``: the reply, or with ``stream`` (its default) its JSON lines."""
+        model = body.get("model")
+        if model != self.model_name:
+            raise BadRequest(f'model "{model}" not found, try pulling it first', HTTPStatus.NOT_FOUND)
+        conversation = self._ollama_conversation(body.get("messages"))
+        budget = int((body.get("options") or {}).get("num_predict") or -1)
+        budget = budget if budget > 0 else 128  # -1, Ollama's default: until the model stops
+        start = time.perf_counter()
+        prompt_tokens, content, token_logprobs = self._reply(Request(conversation, budget))
+        entries = [_ollama_logprob(token, value) for token, value in token_logprobs]
+        final = {
+            "done": True,
+            "done_reason": "length" if len(token_logprobs) >= budget else "stop",
+            "total_duration": int((time.perf_counter() - start) * 1e9),
+            "load_duration": 0,
+            "prompt_eval_count": prompt_tokens,
+            "eval_count": len(token_logprobs),
+        }
+        logprobs = bool(body.get("logprobs")) or bool(body.get("top_logprobs"))
+        if not body.get("stream", True):
+            reply = {"role": "assistant", "content": content}
+            return {"model": self.model_name, "created_at": _now(), "message": reply, **final} | (
+                {"logprobs": entries} if logprobs else {}
+            )
+        pieces = [(entry["token"], [entry]) for entry in entries]
+        if "".join(token for token, _ in pieces) != content:  # the decoded text is the reply
+            pieces = [(content, entries)] if content else []
+        lines = [
+            {
+                "model": self.model_name,
+                "created_at": _now(),
+                "message": {"role": "assistant", "content": piece},
+                "done": False,
+                **({"logprobs": piece_logprobs} if logprobs else {}),
+            }
+            for piece, piece_logprobs in pieces
+        ]
+        empty = {"role": "assistant", "content": ""}
+        return [*lines, {"model": self.model_name, "created_at": _now(), "message": empty, **final}]
+
+    def _ollama_conversation(self, messages: object) -> Conversation:
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages must be a non-empty list")
+        conversation = Conversation()
+        for message in messages:
+            role, text = message.get("role"), message.get("content") or ""
+            if role not in ("user", "assistant"):
+                raise BadRequest(f"the test server takes user and assistant messages, not {role!r}")
+            images = [load_image(base64.b64decode(data)) for data in message.get("images") or []]
+            conversation = conversation.user(text, images) if role == "user" else conversation.assistant(text)
+        if conversation.turns[-1].role != "user":
+            raise BadRequest("the test server generates only after a user message")
+        return conversation
+
+    def _reply(self, request: Request) -> Reply:
+        """The greedy reply to a request: in turn at the model, or batched."""
+        if self._batcher is None:
+            return self._on_model(lambda: self._generate(request))
+        return self._batcher.generate(request)
 
     def _chunks(
         self, ident: str, created: int, content: str, logprobs: list[tuple[str, float]] | None, finish: str
@@ -275,15 +402,16 @@ class OpenAITestServer:
         chunks.append(chunk({}, None, finish))
         return chunks
 
-    def _generate(self, conversation: Conversation, max_tokens: int) -> tuple:
-        """Greedy reply, its prompt ids, and each reply token with its log-probability."""
+    def _generate(self, request: Request) -> Reply:
+        """Greedy reply, its prompt's length, and each reply token with its log-probability."""
+        conversation = request.conversation
         text = self.backend.render(conversation, add_generation_prompt=True)
         tokenizer = self.backend.tokenizer
         with torch.inference_mode():
             inputs = self.backend.encode([text], conversation.images)
             output = self.backend.model.generate(
                 **inputs,
-                max_new_tokens=max_tokens,
+                max_new_tokens=request.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 output_logits=True,
@@ -299,7 +427,7 @@ class OpenAITestServer:
             value = torch.log_softmax(logits[0].float(), dim=-1)[token_id].item()
             token_logprobs.append((tokenizer.decode([token_id]), value))
         content = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-        return prompt_ids, content, token_logprobs
+        return len(prompt_ids), content, token_logprobs
 
     def _prompt_logprobs(self, text: str, conversation: Conversation, top_k: int) -> tuple:
         """vLLM's prompt_logprobs for the rendered prompt, and the greedy next token as content."""
@@ -328,7 +456,7 @@ class OpenAITestServer:
                 )
             entries.append(entry)
         content = decode([int(logprobs[-1].argmax())], skip_special_tokens=True)
-        return ids, entries, content
+        return len(ids), entries, content
 
     def _chat_request(self, body: dict) -> tuple[Conversation, bool, bool]:
         generation_prompt = bool(body.get("add_generation_prompt", True))
@@ -361,6 +489,129 @@ class OpenAITestServer:
         return int(getattr(config.get_text_config(), "max_position_embeddings", 2048))
 
 
+class Batcher:
+    """The model's one worker for a batching server: generations that arrive together go together.
+
+    Each round takes the jobs queued within `window` seconds of the first: the generations are
+    decoded side by side by `generate_many` (the fast path), any other model work runs alone. All
+    of it runs in one backend session, so images and computed prefixes are reused between
+    requests; the session is renewed after `cache_tokens` tokens (a bounded prefix cache).
+    `worked(seconds, generations)` is told what each round cost.
+    """
+
+    def __init__(
+        self,
+        backend: HFBackend,
+        worked: Callable[[float, int], None],
+        window: float,
+        cache_tokens: int = 1000,
+    ) -> None:
+        self.backend = backend
+        self.window = window
+        self.cache_tokens = cache_tokens
+        self._worked = worked
+        self._jobs: SimpleQueue[tuple[Request | Callable[[], object], Future] | None] = SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+    def run(self, job: Callable[[], T]) -> T:
+        """Run `job` on the worker, alone, and return what it returns."""
+        return self._submit(job)
+
+    def generate(self, request: Request) -> Reply:
+        """The request's greedy reply, decoded together with any that arrived with it."""
+        return self._submit(request)
+
+    def _submit(self, job: Request | Callable[[], object]) -> Any:  # a Reply, or what the job returns
+        future: Future = Future()
+        self._jobs.put((job, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        with ExitStack() as session:
+            session.enter_context(self.backend.session())
+            running = True
+            while running:
+                batch, running = self._gather()
+                start = time.perf_counter()
+                self._round(batch)
+                self._worked(time.perf_counter() - start, sum(isinstance(j, Request) for j, _ in batch))
+                if self.backend.tokens_computed > self.cache_tokens:
+                    session.close()
+                    session.enter_context(self.backend.session())
+
+    def _gather(self) -> tuple[list[tuple[Request | Callable[[], object], Future]], bool]:
+        """The jobs of one round, and False when the server is stopping."""
+        first = self._jobs.get()
+        if first is None:
+            return [], False
+        batch, deadline = [first], time.perf_counter() + self.window
+        while (left := deadline - time.perf_counter()) > 0:
+            try:
+                item = self._jobs.get(timeout=left)
+            except Empty:
+                break
+            if item is None:
+                return batch, False
+            batch.append(item)
+        return batch, True
+
+    def _round(self, batch: list[tuple[Request | Callable[[], object], Future]]) -> None:
+        generations = [(job, future) for job, future in batch if isinstance(job, Request)]
+        for job, future in batch:
+            if not isinstance(job, Request):
+                _settle(future, job)
+        if generations:
+            _settle_many([f for _, f in generations], lambda: self._replies([j for j, _ in generations]))
+
+    def _replies(self, requests: list[Request]) -> list[Reply]:
+        """Replies as `OpenAITestServer._generate` gives them, from one `generate_many` call."""
+        backend, tokenizer = self.backend, self.backend.tokenizer
+        replies = []
+        for request, generation in zip(requests, backend.generate_many(requests), strict=True):
+            conversation = request.conversation
+            text = backend.render(conversation, add_generation_prompt=True)
+            prompt_tokens = len(backend.encode([text], conversation.images)["input_ids"][0])
+            values = list(generation.token_logprobs or ())
+            ids = tokenizer(generation.text, add_special_tokens=False)["input_ids"]
+            tokens = [tokenizer.decode([i]) for i in ids] if len(ids) == len(values) else [""] * len(values)
+            replies.append((prompt_tokens, generation.text, list(zip(tokens, values, strict=True))))
+        return replies
+
+
+def _settle(future: Future, job: Callable[[], object]) -> None:
+    try:
+        future.set_result(job())
+    except BaseException as error:  # the request's thread raises it
+        future.set_exception(error)
+
+
+def _settle_many(futures: list[Future], job: Callable[[], list]) -> None:
+    try:
+        for future, value in zip(futures, job(), strict=True):
+            future.set_result(value)
+    except BaseException as error:
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+
+
+def _now() -> str:
+    """The time as Ollama writes it (RFC 3339, UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
+
+
+def _ollama_logprob(token: str, value: float) -> dict:
+    """One entry of Ollama's ``logprobs`` list."""
+    return {"token": token, "logprob": value, "bytes": list(token.encode())}
+
+
 def _token_logprob(token: str, value: float) -> dict:
     """One entry of ``logprobs.content``, as OpenAI writes it."""
     return {"token": token, "logprob": value, "bytes": list(token.encode()), "top_logprobs": []}
@@ -384,14 +635,17 @@ def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
             return False
 
         def do_GET(self) -> None:
-            if self.path != "/v1/models":
+            routes = {"/v1/models": server.models}
+            if server.profile == "ollama":
+                routes |= {"/api/tags": server.ollama_tags, "/api/version": lambda: {"version": "0.13.0"}}
+            if self.path not in routes:
                 self._error(HTTPStatus.NOT_FOUND, "Not Found")
                 return
             server._admit(self.path, {})
             time.sleep(server.delay)
             server._done()
             if self._authorized():
-                self._send(HTTPStatus.OK, server.models())
+                self._send(HTTPStatus.OK, routes[self.path]())
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
@@ -401,6 +655,8 @@ def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
                 self._error(HTTPStatus.BAD_REQUEST, "the body is not JSON")
                 return
             routes = {"/v1/chat/completions": server.chat_completions, "/tokenize": server.tokenize}
+            if server.profile == "ollama":
+                routes["/api/chat"] = server.ollama_chat
             if self.path not in routes:
                 self._error(HTTPStatus.NOT_FOUND, "Not Found")
                 return
@@ -426,16 +682,13 @@ def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             try:
-                with server._model_lock:
-                    start = time.perf_counter()
-                    try:
-                        payload = route(body)
-                    finally:
-                        server.busy_s += time.perf_counter() - start
+                payload = route(body)
             except BadRequest as err:
                 self._error(err.status, str(err))
                 return
-            if isinstance(payload, list):
+            if isinstance(payload, list) and self.path.startswith("/api/"):
+                self._stream_lines(payload)
+            elif isinstance(payload, list):
                 self._stream(payload)
             else:
                 self._send(HTTPStatus.OK, payload)
@@ -451,7 +704,21 @@ def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
 
+        def _stream_lines(self, lines: list[dict]) -> None:
+            """Ollama's stream: one JSON object per line, in chunked transfer encoding."""
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for line in lines:
+                data = (json.dumps(line) + "\n").encode()
+                self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+
         def _error(self, status: HTTPStatus, message: str) -> None:
+            if self.path.startswith("/api/"):  # Ollama's native API: a bare message
+                self._send(status, {"error": message})
+                return
             error = {
                 "message": message,
                 "type": status.phrase.replace(" ", ""),
@@ -473,7 +740,7 @@ def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
 
 VLLMTestServer = OpenAITestServer  # the name other tests know it by (profile "vllm" by default)
 
-__all__ = ["FAULTS", "PROFILES", "OpenAITestServer", "Profile", "Record", "VLLMTestServer"]
+__all__ = ["FAULTS", "PROFILES", "Batcher", "OpenAITestServer", "Profile", "Record", "VLLMTestServer"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -484,11 +751,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=PROFILES, default="vllm")
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds slept before each answer")
+    parser.add_argument("--batching", action="store_true", help="decode concurrent requests together")
     args = parser.parse_args(argv)
     from df_agent.backends.hf import shipped_model_path
 
     backend = HFBackend.from_pretrained(shipped_model_path(), device="cpu")
-    server = OpenAITestServer(backend, profile=args.profile, delay=args.delay, port=args.port)
+    server = OpenAITestServer(
+        backend, profile=args.profile, delay=args.delay, batching=args.batching, port=args.port
+    )
     with server:
         print(server.url, flush=True)
         threading.Event().wait()

@@ -28,6 +28,7 @@ from df_agent.backends.base import (
 from df_agent.backends.hf import HFBackend, shipped_model_path
 from df_agent.backends.openai import OpenAIBackend, ServerError
 from df_agent.prompt_sets import load_prompts
+from df_agent.results import result_differences
 
 CHAT, TOKENIZE, MODELS = "/v1/chat/completions", "/tokenize", "/v1/models"
 LOCATE_PREFIX = load_prompts("dualfocus").locate.split("{question}")[0]
@@ -200,6 +201,32 @@ def test_openai_concurrent_questions_from_threads_match_serial_answers(
         results = list(pool.map(lambda job: remote.ask(*job), jobs))
     for result, reference in zip(results, references, strict=True):
         assert_same(result, reference)
+
+
+@pytest.mark.parametrize("profile", ["vllm", "hosted"])
+def test_a_batching_server_answers_as_one_that_serves_a_request_at_a_time(
+    served: HFBackend, scene: Image.Image, second_scene: Image.Image, profile: str
+) -> None:
+    jobs = [(image, question) for image in (scene, second_scene) for question in QUESTIONS]
+    results = {}
+    for batching in (False, True):
+        with (
+            OpenAITestServer(served, profile=profile, batching=batching) as server,
+            OpenAIBackend(server.url, "df-test", capabilities=profile) as client,
+        ):
+            remote = [engine(client, fixed_box=fixed) for fixed in (False, True)]
+            with ThreadPoolExecutor(max_workers=4) as pool:  # questions' requests meet in batches
+                results[batching] = list(
+                    pool.map(lambda job, remote=remote: [e.ask(*job) for e in remote], jobs)
+                )
+            largest = server.largest_batch
+        assert (largest >= 2) if batching else (largest == 0)
+    votes = 0
+    for plain, batched in zip(results[False], results[True], strict=True):
+        for one, other in zip(plain, batched, strict=True):
+            assert result_differences(one, other) == []
+            votes += one.scores is not None
+    assert votes > 0  # scores from both servers were compared
 
 
 # -- what each profile offers, detected once ---------------------------------------------------

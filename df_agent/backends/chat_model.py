@@ -31,8 +31,10 @@ except ImportError as err:  # pragma: no cover - depends on the installed extras
     raise ImportError("ChatModelBackend needs langchain-core: pip install 'df-agent[tools]'") from err
 
 # The keyword each chat model class takes for the reply's token budget (default "max_tokens").
-PNG = "image/png"
-MAX_TOKENS_KWARGS = {"ChatOllama": "num_predict", "ChatGoogleGenerativeAI": "max_output_tokens"}
+MAX_TOKENS_KWARGS = {"ChatGoogleGenerativeAI": "max_output_tokens"}
+# Classes whose calls take no budget keyword (ChatOllama passes unknown keywords on to its client,
+# which refuses them): the budget is this field, set on a copy of the model.
+MAX_TOKENS_FIELDS = {"ChatOllama": "num_predict"}
 
 
 def token_logprobs(message: BaseMessage) -> tuple[float, ...] | None:
@@ -67,8 +69,10 @@ class ChatModelBackend(Backend):
         prompt_family: The prompt set in ``prompts/``; default from its preset.
         input_size: The model's resized input size, for pixel box conventions; default from the
             preset, else the image's own size.
-        max_tokens_kwarg: The invoke keyword for the token budget (default by model class:
-            ``num_predict`` for ChatOllama, ``max_tokens`` for most); None sends no budget.
+        max_tokens_kwarg: The invoke keyword for the token budget; default by model class:
+            ``max_output_tokens`` for ChatGoogleGenerativeAI, ``max_tokens`` for most, and for
+            ChatOllama, whose calls take none, its ``num_predict`` set on a copy of the model (one
+            copy per budget, kept). None sends no budget.
         max_concurrency: Requests of one `generate_many` in flight at once (None: all).
     """
 
@@ -97,9 +101,12 @@ class ChatModelBackend(Backend):
         self._input_size = self.preset.input_size
         own = getattr(llm, "logprobs", None)
         self._logprobs = logprobs if logprobs is not None else (own if isinstance(own, bool) else None)
+        kind = type(llm).__name__
+        self._budget_field = MAX_TOKENS_FIELDS.get(kind) if max_tokens_kwarg == "auto" else None
         if max_tokens_kwarg == "auto":
-            max_tokens_kwarg = MAX_TOKENS_KWARGS.get(type(llm).__name__, "max_tokens")
+            max_tokens_kwarg = None if self._budget_field else MAX_TOKENS_KWARGS.get(kind, "max_tokens")
         self.max_tokens_kwarg = max_tokens_kwarg
+        self._budgeted: dict[int, BaseChatModel] = {}
         self.max_concurrency = max_concurrency
 
     @property
@@ -142,11 +149,10 @@ class ChatModelBackend(Backend):
                 raise ValueError("generate needs a conversation that ends with a user turn")
         if not requests:
             return []
-        budget = max(r.max_new_tokens for r in requests)
-        kwargs = {self.max_tokens_kwarg: budget} if self.max_tokens_kwarg else {}
+        llm, kwargs = self._budget(max(r.max_new_tokens for r in requests))
         inputs = [self.messages(r.conversation) for r in requests]
         config = {"max_concurrency": self.max_concurrency} if self.max_concurrency else None
-        replies = self.llm.batch(inputs, config=config, **kwargs)  # type: ignore[arg-type]
+        replies = llm.batch(inputs, config=config, **kwargs)  # type: ignore[arg-type]
         generations = []
         for reply in replies:
             values = token_logprobs(reply)
@@ -154,6 +160,14 @@ class ChatModelBackend(Backend):
                 self._logprobs = True  # seen: the model returns them
             generations.append(Generation(_text(reply), values if self._logprobs else None))
         return generations
+
+    def _budget(self, tokens: int) -> tuple[BaseChatModel, dict[str, int]]:
+        """The model to call and the keywords that give it a budget of `tokens` reply tokens."""
+        if self._budget_field is None:
+            return self.llm, {self.max_tokens_kwarg: tokens} if self.max_tokens_kwarg else {}
+        if tokens not in self._budgeted:
+            self._budgeted[tokens] = self.llm.model_copy(update={self._budget_field: tokens})
+        return self._budgeted[tokens], {}
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """The (width, height) the model's processor resizes `image` to (see `input_size=`)."""
@@ -169,4 +183,4 @@ def _text(message: BaseMessage) -> str:
     return "".join(parts).strip()
 
 
-__all__ = ["MAX_TOKENS_KWARGS", "ChatModelBackend", "token_logprobs"]
+__all__ = ["MAX_TOKENS_FIELDS", "MAX_TOKENS_KWARGS", "ChatModelBackend", "token_logprobs"]
