@@ -134,6 +134,17 @@ def tiny_llava_backend(tiny_llava_path: Path):
 
 
 @pytest.fixture(scope="session")
+def served(request: pytest.FixtureRequest):
+    """The model behind the local test servers: the shipped one when installed, else the tiny LLaVA."""
+    from df_agent.backends.hf import HFBackend, shipped_model_path
+
+    try:
+        return HFBackend.from_pretrained(shipped_model_path(), device="cpu")
+    except FileNotFoundError:
+        return request.getfixturevalue("tiny_llava_backend")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen_backend():
     from tiny_models import tiny_qwen2_vl
 

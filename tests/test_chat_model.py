@@ -13,21 +13,13 @@ from PIL import Image
 
 from df_agent import DualFocus
 from df_agent.backends.base import Conversation, Request
-from df_agent.backends.hf import HFBackend, shipped_model_path
+from df_agent.backends.hf import HFBackend
 from df_agent.prompt_sets import load_prompts
 
 langchain_openai = pytest.importorskip("langchain_openai")
 from df_agent.backends.chat_model import ChatModelBackend, token_logprobs  # noqa: E402
 
 LOCATE_PREFIX = load_prompts("dualfocus").locate.split("{question}")[0]
-
-
-@pytest.fixture(scope="module")
-def served(request: pytest.FixtureRequest) -> HFBackend:
-    try:
-        return HFBackend.from_pretrained(shipped_model_path(), device="cpu")
-    except FileNotFoundError:
-        return request.getfixturevalue("tiny_llava_backend")
 
 
 @pytest.fixture(scope="module", params=["vllm", "hosted", "bare"])

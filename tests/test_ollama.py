@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from df_agent import DualFocus
 from df_agent.backends.base import Abilities, Conversation, Request
-from df_agent.backends.hf import HFBackend, shipped_model_path
+from df_agent.backends.hf import HFBackend
 from df_agent.backends.openai import OpenAIBackend
 from df_agent.prompt_sets import load_prompts
 from df_agent.results import result_differences
@@ -24,14 +24,6 @@ from df_agent.backends.chat_model import ChatModelBackend  # noqa: E402
 TAG = "df-test:latest"  # an Ollama model tag
 LOCATE_PREFIX = load_prompts("dualfocus").locate.split("{question}")[0]
 QUESTIONS = ["What colour is the square?", "What number is on the red circle?", "How many shapes are there?"]
-
-
-@pytest.fixture(scope="module")
-def served(request: pytest.FixtureRequest) -> HFBackend:
-    try:
-        return HFBackend.from_pretrained(shipped_model_path(), device="cpu")
-    except FileNotFoundError:
-        return request.getfixturevalue("tiny_llava_backend")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from df_agent.backends.base import (
     Request,
     ScoringUnavailableError,
 )
-from df_agent.backends.hf import HFBackend, shipped_model_path
+from df_agent.backends.hf import HFBackend
 from df_agent.backends.openai import OpenAIBackend, ServerError
 from df_agent.prompt_sets import load_prompts
 from df_agent.results import result_differences
@@ -39,15 +39,6 @@ QUESTIONS = [
     "How many shapes are there?",
 ]
 COMPARED = ("answer", "path", "macro_answer", "micro_answer", "box_text", "box", "crop_box")
-
-
-@pytest.fixture(scope="module")
-def served(request: pytest.FixtureRequest) -> HFBackend:
-    """The shipped model when it is installed, else the tiny random LLaVA."""
-    try:
-        return HFBackend.from_pretrained(shipped_model_path(), device="cpu")
-    except FileNotFoundError:
-        return request.getfixturevalue("tiny_llava_backend")
 
 
 @pytest.fixture(scope="module")
