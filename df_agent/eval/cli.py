@@ -153,9 +153,10 @@ def build_engine(args: argparse.Namespace) -> DualFocus:
         from df_agent.backends.chat_model import ChatModelBackend
 
         # the model's name as OpenAIBackend finds it: the first the server lists, unless named
-        model = (
-            args.served_model or OpenAIBackend(args.server[0], api_key=api_key, capabilities="bare").model_id
-        )
+        model = args.served_model
+        if model is None:
+            with OpenAIBackend(args.server[0], api_key=api_key, capabilities="bare") as listing:
+                model = listing.model_id
         logprobs = args.capabilities != "bare"
         llm = ChatOpenAI(
             model=model, base_url=args.server[0], api_key=api_key or "none", temperature=0, logprobs=logprobs
