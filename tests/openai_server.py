@@ -694,24 +694,22 @@ def _handler(server: OpenAITestServer) -> type[BaseHTTPRequestHandler]:
                 self._send(HTTPStatus.OK, payload)
 
         def _stream(self, chunks: list[dict]) -> None:
-            """Server-sent events in chunked transfer encoding, ending with ``data: [DONE]``."""
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for event in [*(json.dumps(c) for c in chunks), "[DONE]"]:
-                data = f"data: {event}\n\n".encode()
-                self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
-            self.wfile.write(b"0\r\n\r\n")
+            """Server-sent events, ending with ``data: [DONE]``."""
+            events = [*(json.dumps(c) for c in chunks), "[DONE]"]
+            self._chunked("text/event-stream", [f"data: {event}\n\n" for event in events])
 
         def _stream_lines(self, lines: list[dict]) -> None:
-            """Ollama's stream: one JSON object per line, in chunked transfer encoding."""
+            """Ollama's stream: one JSON object per line."""
+            self._chunked("application/x-ndjson", [json.dumps(line) + "\n" for line in lines])
+
+        def _chunked(self, content_type: str, pieces: list[str]) -> None:
+            """The pieces in chunked transfer encoding, each written as it would be produced."""
             self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Content-Type", content_type)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for line in lines:
-                data = (json.dumps(line) + "\n").encode()
+            for piece in pieces:
+                data = piece.encode()
                 self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
 
